@@ -1,0 +1,1 @@
+"""finetune: transfer learning of image classifiers with Lightning and Hydra."""

@@ -1,0 +1,68 @@
+"""The training task: instantiate from the config, fit, test, return the metric a sweeper optimizes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.models.module import FineTuneModule
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = str(PROJECT_ROOT / "conf")
+os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
+
+log = logging.getLogger(__name__)
+# Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
+    """The DataModule, and the model sized to its classes; the data takes the backbone's input config."""
+    datamodule: ImageFolderDataModule = instantiate(cfg.data)
+    model: FineTuneModule = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    datamodule.set_input_config(model.backbone.input_config)
+    return datamodule, model
+
+
+def hparams(cfg: DictConfig) -> dict[str, object]:
+    """The settings that tell runs apart, for TensorBoard's HPARAMS tab (the logger flattens them)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chosen = {key: resolved[key] for key in ("seed", "data", "strategy", "optimizer", "scheduler")}
+    return chosen | {"model": cfg.model.name, "max_epochs": cfg.trainer.max_epochs}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule, model = build(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks.append(instantiate(cfg.strategy.callback))
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
+    metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for logger in loggers:
+        logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))})
+    output_dir = cfg.paths.output_dir
+    print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        log.info("job %s: %s", HydraConfig.get().job.num, {k: round(v, 4) for k, v in metrics.items()})
+    return metrics.get(cfg.get("optimized_metric"))

@@ -1,0 +1,6 @@
+"""python train.py [group=option ...] [key=value ...]  (see README.md)"""
+
+from finetune.train import main
+
+if __name__ == "__main__":
+    main()
