@@ -35,8 +35,10 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
 
 def hparams(cfg: DictConfig) -> dict[str, object]:
     """The settings that tell runs apart, for TensorBoard's HPARAMS tab (the logger flattens them)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    chosen = {key: resolved[key] for key in ("seed", "data", "strategy", "optimizer", "scheduler")}
+    chosen = {key: cfg.get(key) for key in ("seed", "data", "strategy", "optimizer", "scheduler")}
+    chosen = {
+        key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in chosen.items()
+    }
     return chosen | {"model": cfg.model.name, "max_epochs": cfg.trainer.max_epochs}
 
 
