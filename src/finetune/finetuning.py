@@ -39,14 +39,6 @@ class StageUnfreezing(Callback):
         steps = sum(epoch >= e for e in self.unfreeze_at)
         return min(num_stages, self._count(self.initial, num_stages) + steps * self._count(self.step, num_stages))
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        late = [e for e in self.unfreeze_at if e >= (trainer.max_epochs or 0) > 0]
-        if stage == "fit" and late:
-            raise ValueError(
-                f"strategy unfreezes at epoch {late} but trainer.max_epochs={trainer.max_epochs}: "
-                "the backbone would never train (epochs count from 0)"
-            )
-
     def _apply(self, pl_module: L.LightningModule, trainable: int) -> None:
         backbone = pl_module.backbone
         if trainable != self.trainable_stages:

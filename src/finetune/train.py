@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.checkpoint import resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
+from finetune.errors import UserError
 from finetune.models.module import FineTuneModule
+from finetune.run_status import recorded
+from finetune.validation import validate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
@@ -25,10 +31,21 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
+def _instantiate(config: DictConfig, **kwargs: object) -> object:
+    """Hydra's instantiate, but a UserError raised inside comes out as itself, not wrapped in Hydra's error."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, UserError):
+            raise
+    raise cause
+
+
 def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
     """The DataModule, and the model sized to its classes; the data takes the backbone's input config."""
-    datamodule: ImageFolderDataModule = instantiate(cfg.data)
-    model: FineTuneModule = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    datamodule: ImageFolderDataModule = _instantiate(cfg.data)
+    model: FineTuneModule = _instantiate(cfg.model, num_classes=datamodule.num_classes)
     datamodule.set_input_config(model.backbone.input_config)
     return datamodule, model
 
@@ -43,6 +60,7 @@ def hparams(cfg: DictConfig) -> dict[str, object]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    validate(cfg)  # before anything is downloaded or built
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
@@ -51,20 +69,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
+    if ckpt_path:
+        log.info("Resuming from %s", ckpt_path)
+    # weights_only: a checkpoint to resume from runs no code (Lightning would unpickle a URL fully)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
     metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     for logger in loggers:
         logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))})
     output_dir = cfg.paths.output_dir
-    print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
+    if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
+        print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    if HydraConfig.get().mode.name == "MULTIRUN":
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        with recorded(cfg.paths.output_dir):  # status.json: completed or failed, wall time
+            metrics = train(cfg)
+    except Exception as err:
+        user_error = isinstance(err, UserError)  # bad config, data or files: the message says what to change
+        if not multirun:
+            if user_error:
+                sys.exit(f"Error: {err}")  # a traceback would only hide the message
+            raise
+        # One failed job must not end the sweep: it is in the run's status.json and the report.
+        log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, err, exc_info=not user_error)
+        return None  # not a number: Optuna records a failed trial
+    if multirun:
         log.info("job %s: %s", HydraConfig.get().job.num, {k: round(v, 4) for k, v in metrics.items()})
     return metrics.get(cfg.get("optimized_metric"))

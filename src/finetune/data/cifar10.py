@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch.utils.data import Dataset
 
 from finetune.data.datamodule import ImageFolderDataModule
+from finetune.errors import DownloadError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -33,7 +34,7 @@ class CIFAR10DataModule(ImageFolderDataModule):
         try:
             return CIFAR10(self.root, train=split == "train", download=download)
         except (OSError, RuntimeError) as err:
-            raise RuntimeError(
+            raise DownloadError(
                 f"CIFAR-10 is not in {self.root} and could not be downloaded ({err}). Without network, put "
                 "torchvision's cifar-10-batches-py/ there, or pass data.root=<folder with train/ and test/ class folders>."
             ) from err

@@ -11,7 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.images import ImageFolder, find_classes
+from finetune.data.sampling import ResumableLoader, Seeded, SeededSampler
 from finetune.data.transforms import eval_transform, train_transform
+from finetune.errors import ConfigError, MissingFileError
 from finetune.models.backbones import InputConfig
 
 
@@ -38,6 +40,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
     (as d2l does). Input size and normalisation default to the backbone's (`set_input_config`).
+    Unreadable images stop `setup` with their names, or with `skip_bad_images` are left out and logged.
     """
 
     def __init__(
@@ -52,11 +55,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool | str = "auto",
         persistent_workers: bool = True,
         drop_last: bool = False,
+        skip_bad_images: bool = False,
+        augment: bool = True,
         seed: int = 0,
     ):
         super().__init__()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size = batch_size
         self.val_fraction = val_fraction
@@ -65,6 +68,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.drop_last = drop_last
+        self.skip_bad_images = skip_bad_images
+        self.augment = augment
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
 
@@ -79,11 +84,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         folder = root / split
         if split == "test" and not folder.is_dir() and (root / "val").is_dir():
             folder = root / "val"
-        return ImageFolder(folder, classes=self.classes)
+        return ImageFolder(folder, classes=self.classes, skip_bad_images=self.skip_bad_images)
 
     def _require_root(self) -> Path:
         if self.root is None or not self.root.is_dir():
-            raise FileNotFoundError(f"data.root: no such folder: {self.root} (expected train/ and test/ inside)")
+            raise MissingFileError(f"data.root: no such folder: {self.root} (expected train/ and test/ inside)")
         return self.root
 
     @property
@@ -98,7 +103,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     @property
     def train_transform(self):
-        return train_transform(self.image_size, self.mean, self.std)
+        """d2l's augmentation, or with `augment=false` the deterministic eval transform."""
+        return train_transform(self.image_size, self.mean, self.std) if self.augment else self.eval_transform
 
     @property
     def eval_transform(self):
@@ -112,6 +118,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         train, test = self.read_split("train"), self.read_split("test")
         indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_val = round(len(train) * self.val_fraction)
+        if num_val == len(train):
+            raise ConfigError(f"data.val_fraction={self.val_fraction} leaves none of the {len(train)} training images")
         self.datasets = {
             "train": Transformed(train, indices[num_val:], self.train_transform),
             "val": Transformed(train, indices[:num_val], self.eval_transform)
@@ -120,24 +128,29 @@ class ImageFolderDataModule(L.LightningDataModule):
             "test": Transformed(test, range(len(test)), self.eval_transform),
         }
         if self.drop_last and len(self.datasets["train"]) < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.datasets['train'])} training "
                 "images and data.drop_last=true: no batch would be left"
             )
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, **self._worker_args())
+
+    def _worker_args(self) -> dict[str, object]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled and augmented by (seed, epoch, sample) and resumable mid-epoch (see `finetune.data.sampling`)."""
+        dataset = Seeded(self.datasets["train"])
+        ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = SeededSampler(dataset, *ranks, seed=self.seed)
+        return ResumableLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last, **self._worker_args()
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -7,6 +7,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+from finetune.errors import DownloadError
+
 
 def sha1_of(path: Path) -> str:
     digest = hashlib.sha1()
@@ -25,12 +27,12 @@ def download_verified(url: str, target: Path, sha1: str, offline_hint: str) -> P
             urllib.request.urlretrieve(url, partial)
         except OSError as err:  # URLError, HTTPError, socket errors
             partial.unlink(missing_ok=True)
-            raise RuntimeError(f"Could not download {url} ({err}). {offline_hint}") from err
+            raise DownloadError(f"Could not download {url} ({err}). {offline_hint}") from err
         partial.rename(target)
     actual = sha1_of(target)
     if actual != sha1:
         target.unlink()
-        raise RuntimeError(
+        raise DownloadError(
             f"{target} is corrupt (SHA-1 {actual}, expected {sha1}); it was removed, run again to re-download. "
             f"{offline_hint}"
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.download import download_verified, extract_zip
+from finetune.errors import MissingFileError
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
@@ -28,7 +29,7 @@ class HotdogDataModule(ImageFolderDataModule):
         if self.root.is_dir():
             return
         if self.root != self.data_dir / "hotdog":
-            raise FileNotFoundError(f"data.root: no such folder: {self.root} (expected train/ and test/ inside)")
+            raise MissingFileError(f"data.root: no such folder: {self.root} (expected train/ and test/ inside)")
         hint = (
             f"Without network, fetch {HOTDOG_URL} elsewhere and put hotdog.zip into {self.data_dir}, "
             "or pass data.root=<folder with train/ and test/>."

@@ -2,26 +2,89 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from finetune.errors import DataError, MissingFileError
+
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+WHITE = (255, 255, 255, 255)
+# `_open` refuses such images with its own message, which names the file.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-class ImageReadError(RuntimeError):
+class ImageReadError(DataError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+def _open(path: str | Path) -> Image.Image:
+    """Opens an image, refusing sizes above PIL's decompression-bomb limit (PIL only warns up to twice it)."""
+    image = Image.open(path)
+    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} px is more than PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}"
+        )
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: 16-bit greyscale is scaled (convert('RGB') would clip it at 255), transparent
+    pixels are composited on white (as a viewer shows them), palette, greyscale and CMYK are converted."""
+    if image.mode.startswith("I"):  # I;16 (16-bit PNG/TIFF) and I hold 0..65535
+        pixels = np.clip(np.asarray(image, dtype=np.float32) / 257, 0, 255)
+        image = Image.fromarray(np.round(pixels).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _decode(path: str | Path, reduced: bool = False) -> Image.Image:
+    with _open(path) as image:
+        if reduced:
+            image.draft(None, (1, 1))  # JPEG only: decode at 1/8 size, which still reads every byte
+        image.load()
+        return to_rgb(image)
+
+
 def read_rgb(path: str | Path) -> Image.Image:
-    """Decodes any PIL-readable image to 3-channel RGB (palette, greyscale, alpha, CMYK)."""
+    """Decodes any PIL-readable image to 3-channel 8-bit RGB (see `to_rgb`)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        return _decode(path)
     except Exception as err:
         raise ImageReadError(f"Cannot read image {path}: {type(err).__name__}: {err}") from err
+
+
+def _problem(path: Path) -> str | None:
+    try:
+        _decode(path, reduced=True)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def find_bad_images(paths: list[Path]) -> dict[Path, str]:
+    """`{file: reason}` for every file that `read_rgb` would fail on (empty, truncated, not an image, too large).
+
+    Each file is decoded (JPEGs at 1/8 size) in a thread pool: PIL releases the GIL while decoding.
+    """
+    with ThreadPoolExecutor() as pool:
+        problems = list(pool.map(_problem, paths))
+    return {path: problem for path, problem in zip(paths, problems, strict=True) if problem}
+
+
+def _listing(header: str, bad: dict[Path, str], limit: int | None = None) -> str:
+    lines = [f"  {path}: {problem}" for path, problem in list(bad.items())[:limit]]
+    more = len(bad) - len(lines)
+    return "\n".join([header, *lines, *([f"  ... and {more} more"] if more else [])])
 
 
 def _visible(path: Path) -> bool:
@@ -29,39 +92,56 @@ def _visible(path: Path) -> bool:
 
 
 def find_classes(split_dir: Path) -> list[str]:
-    """Class names = visible sub-folders of a split folder, sorted."""
+    """Class names = visible sub-folders of a split folder, sorted; a classifier needs two or more."""
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"Missing folder {split_dir} (expected one sub-folder per class)")
+        raise MissingFileError(f"Missing folder {split_dir} (expected one sub-folder per class)")
     classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and _visible(p))
-    if not classes:
-        raise FileNotFoundError(f"No class folders in {split_dir}")
+    if len(classes) < 2:
+        found = f"only one class folder ({classes[0]})" if classes else "no class folders"
+        raise DataError(f"{split_dir} has {found}: a classifier needs at least 2 ({split_dir}/<class>/<image>)")
     return classes
 
 
 class ImageFolder(Dataset):
-    """`root/<class>/<image>` files as (PIL image, class index); hidden and non-image files are ignored."""
+    """`root/<class>/<image>` files as (PIL image, class index); hidden and non-image files are ignored.
 
-    def __init__(self, root: str | Path, classes: list[str] | None = None):
+    Every image is decoded once here, so a bad file stops the run before training with its name, or
+    with `skip_bad_images` is left out and listed in the log (`skipped`).
+    """
+
+    def __init__(self, root: str | Path, classes: list[str] | None = None, skip_bad_images: bool = False):
         self.root = Path(root)
         found = find_classes(self.root)
         if classes is not None and found != classes:
-            raise ValueError(
-                f"{self.root} has classes {found}, but the training split has {classes}: "
+            raise DataError(
+                f"{self.root} has classes {found}, but the training split has {classes} "
+                f"(missing: {sorted(set(classes) - set(found))}, extra: {sorted(set(found) - set(classes))}): "
                 "every split needs the same class folders"
             )
         self.classes = found
-        self.samples: list[tuple[Path, int]] = []
-        for index, name in enumerate(found):
-            files = sorted(
+        files = {
+            name: sorted(
                 p
                 for p in (self.root / name).iterdir()
                 if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS
             )
-            if not files:
-                raise FileNotFoundError(
-                    f"Class folder {self.root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            for name in found
+        }
+        self.skipped = find_bad_images([path for paths in files.values() for path in paths])
+        if self.skipped and not skip_bad_images:
+            header = f"{len(self.skipped)} images in {self.root} cannot be read (data.skip_bad_images=true skips them):"
+            raise ImageReadError(_listing(header, self.skipped, limit=20))
+        if self.skipped:
+            log.warning(_listing(f"Skipping {len(self.skipped)} unreadable images in {self.root}:", self.skipped))
+        self.samples: list[tuple[Path, int]] = []
+        for index, name in enumerate(found):
+            good = [p for p in files[name] if p not in self.skipped]
+            if not good:
+                readable = "readable " if files[name] else ""
+                raise DataError(
+                    f"Class folder {self.root / name} holds no {readable}images ({', '.join(IMAGE_EXTENSIONS)})"
                 )
-            self.samples += [(p, index) for p in files]
+            self.samples += [(p, index) for p in good]
         self.targets = [label for _, label in self.samples]
 
     def __len__(self) -> int:

@@ -11,12 +11,16 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
+import pickle
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from finetune.errors import ConfigError, DownloadError, MissingFileError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,30 +108,36 @@ TORCHVISION_SPLITS = {
 }
 
 
-def _unknown_name(kind: str, name: str, valid: Sequence[str]) -> ValueError:
+def _unknown_name(kind: str, name: str, valid: Sequence[str]) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     listing = ", ".join(valid) if len(valid) <= 30 else f"{len(valid)} names, e.g. {', '.join(valid[:10])}"
-    return ValueError(f"Unknown {kind} '{name}'.{hint} Valid names: {listing}.")
+    return ConfigError(f"model.name: unknown {kind} '{name}'.{hint} Valid names: {listing}.")
 
 
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Loads a user's weights file safely (`weights_only=True`: no code in the file runs)."""
+def _reason(err: Exception) -> str:
+    """The one line that matters of an error; torch's weights-only refusal is a page that ends in it."""
+    refusal = re.search(r"WeightsUnpickler error: (.*?\.)", str(err))
+    return refusal[1] if refusal else f"{type(err).__name__}: {err}"
+
+
+def load_state_dict_file(path: str | os.PathLike, key: str = "model.weights_path") -> dict[str, torch.Tensor]:
+    """Loads a user's weights or Lightning checkpoint file safely (`weights_only=True`: no code in it runs)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model.weights_path: no such file: {path}")
+        raise MissingFileError(f"{key}: no such file: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for crafted files, RuntimeError for junk
-        raise ValueError(
-            f"Refusing to load {path}: it is not a plain tensor state dict "
-            f"(loaded with weights_only=True). Cause: {err}"
+        raise ConfigError(
+            f"{key}: refusing to load {path}: only plain tensor state dicts load, so that no code in "
+            f"a file can run (torch.load weights_only=True): {_reason(err)}"
         ) from err
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    for name in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(name), dict):
+            state = state[name]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise ConfigError(f"{key}: {path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -135,18 +145,26 @@ def _load_weights(
     model: nn.Module, state: dict[str, torch.Tensor], classifier_prefix: str | tuple[str, ...], source: str
 ) -> None:
     """Loads `state` into the full model; only the classifier (replaced anyway) may be missing."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"Weights in {source} do not fit the model: {err}") from err
     missing = [k for k in missing if not k.startswith(classifier_prefix)]
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"Weights in {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 
-def _download_error(name: str, url: str, err: Exception) -> RuntimeError:
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    return RuntimeError(
-        f"Could not fetch the pretrained weights of '{name}' from {url} ({type(err).__name__}: {err}). "
+def _hub_file(url: str) -> Path:
+    """Where torch.hub keeps (and first looks for) the file of `url`: $TORCH_HOME/hub/checkpoints/<file>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def _download_error(name: str, url: str, err: Exception) -> DownloadError:
+    cache = _hub_file(url)
+    return DownloadError(
+        f"Could not fetch or read the pretrained weights of '{name}' from {url} ({_reason(err)}). "
         f"Offline? Put the file at {cache} ($TORCH_HOME/hub/checkpoints/{Path(url).name}), "
         "or pass model.weights_path=<state dict file>, or model.pretrained=false."
     )
@@ -164,42 +182,44 @@ def torchvision_backbone(name: str, pretrained: bool = True, weights_path: str |
     if weights_path:
         _load_weights(model, load_state_dict_file(weights_path), ("fc.", "classifier."), weights_path)
     elif pretrained:
-        try:
-            model.load_state_dict(weights.get_state_dict(progress=True, check_hash=True))
-        except (OSError, RuntimeError) as err:  # URLError is an OSError
+        try:  # a file the user put into $TORCH_HOME/hub/checkpoints is loaded as is: weights only
+            state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as err:  # URLError is an OSError
             raise _download_error(name, weights.url, err) from err
+        _load_weights(model, state, (), str(_hub_file(weights.url)))
     meta = weights.transforms()
     config = InputConfig(meta.crop_size[0], tuple(meta.mean), tuple(meta.std))
     return Backbone(split(model), num_features, config)
 
 
 def _split_timm(model: nn.Module) -> list[nn.Module]:
-    """Stem, one stage per block group, then the rest (head convs, pooling) as the last stage."""
-    children = list(model.named_children())
-    block_index = next(
-        (
-            i
-            for i, (n, m) in enumerate(children)
-            if n in ("blocks", "stages", "layers") and isinstance(m, nn.Sequential)
-        ),
-        None,
-    )
-    if block_index is None:
+    """One stage per resolution, as timm's `feature_info` marks them (a stage ends at each feature
+    module, e.g. `layer1` or `blocks.2`); the rest (head convs, pooling) joins the last stage."""
+    ends = [info["module"] for info in getattr(model, "feature_info", [])]
+    parents = {name.rsplit(".", 1)[0] for name in ends if "." in name}
+    flat = []  # the children in forward order, with block containers like `blocks` opened one level
+    for name, child in model.named_children():
+        flat += [(f"{name}.{n}", c) for n, c in child.named_children()] if name in parents else [(name, child)]
+    names = [name for name, _ in flat]
+    if not ends or not set(ends) <= set(names):
         return [model]
-    stem = nn.Sequential(*(m for _, m in children[:block_index]))
-    tail = nn.Sequential(*(m for _, m in children[block_index + 1 :]))
-    return [stem, *children[block_index][1], tail]
+    cuts = [names.index(end) + 1 for end in ends[:-1]]
+    return [nn.Sequential(*(m for _, m in flat[a:b])) for a, b in itertools.pairwise([0, *cuts, len(flat)])]
 
 
 def _is_sequential_split(model: nn.Module, stages: list[nn.Module], image_size: int) -> bool:
     x = torch.randn(2, 3, image_size, image_size)
     model.eval()
-    with torch.no_grad():
-        expected = model(x)
-        got = x
-        for stage in stages:
-            got = stage(got)
-    model.train()
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            got = x
+            for stage in stages:
+                got = stage(got)
+    except (AssertionError, RuntimeError):  # e.g. a ViT that only takes its own input size
+        return False
+    finally:
+        model.train()
     return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
 
 
@@ -235,4 +255,5 @@ def timm_backbone(
     stages = _split_timm(model)
     if len(stages) > 1 and not _is_sequential_split(model, stages, min(config.image_size, 64)):
         stages = [model]  # forward is not a plain chain of children: one stage, no gradual unfreezing
-    return Backbone(stages, model.num_features, config)
+    # head_hidden_size: the pooled width after any pre-logits layer (e.g. MobileNetV3's conv_head)
+    return Backbone(stages, getattr(model, "head_hidden_size", model.num_features), config)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -11,7 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from finetune.errors import ConfigError
 from finetune.models.backbones import Backbone
+
+if TYPE_CHECKING:  # finetune.caching imports finetune.data, which imports this package
+    from finetune.caching import FeatureCache
 
 BackboneFactory = Callable[..., Backbone]
 
@@ -37,15 +41,12 @@ class FineTuneModule(L.LightningModule):
         backbone_lr_mult: float = 1.0,
         layer_decay: float = 1.0,
         group_by_stage: bool = False,
+        sync_batchnorm: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        feature_cache: FeatureCache | None = None,
     ):
-        super().__init__()
-        for key, value in (
-            ("head_lr_mult", head_lr_mult),
-            ("backbone_lr_mult", backbone_lr_mult),
-            ("layer_decay", layer_decay),
-        ):
-            if value <= 0:
-                raise ValueError(f"{key} must be > 0, got {value}")
+        super().__init__()  # the multipliers are checked with the config (finetune.validation)
         self.backbone = backbone(name, pretrained=pretrained, weights_path=weights_path)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
         nn.init.xavier_uniform_(self.head.weight)
@@ -53,9 +54,30 @@ class FineTuneModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.lr_mults = {"head": head_lr_mult, "backbone": backbone_lr_mult, "layer_decay": layer_decay}
         self.group_by_stage = group_by_stage
+        self.sync_batchnorm = sync_batchnorm
+        self.feature_cache = feature_cache
+        self.features_cached = False  # True once the feature cache has replaced every split's images
+        if channels_last:  # NHWC weights: convolutions then run (and return) channels-last, inputs need no change
+            self.backbone.to(memory_format=torch.channels_last)
+        if compile:  # stage by stage, so a frozen prefix still runs under no_grad (see Backbone)
+            for stage in self.backbone.stages:
+                stage.compile()
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
         )
+
+    def configure_model(self) -> None:
+        """`sync_batchnorm` under DDP: BatchNorm statistics of the global batch, not of each rank's share.
+
+        Frozen stages keep their BatchNorm in eval mode, so only the training stages synchronise. A no-op on
+        one device; PyTorch's SyncBatchNorm does not train on the CPU, so CPU DDP stops here with a clear error.
+        """
+        if not self.sync_batchnorm or self.trainer.world_size == 1:
+            return
+        if self.trainer.strategy.root_device.type == "cpu":
+            raise ConfigError("model.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not train on the CPU")
+        if not any(isinstance(m, nn.SyncBatchNorm) for m in self.modules()):  # configure_model runs for test too
+            self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -93,9 +115,19 @@ class FineTuneModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
 
+    def on_fit_start(self) -> None:
+        """With `strategy.cache_features=true` the splits become the frozen backbone's output (finetune.caching)."""
+        if self.feature_cache is not None and self.feature_cache.enabled:
+            self.feature_cache.attach(self.trainer, self)
+            self.features_cached = True
+
+    def on_train_epoch_start(self) -> None:
+        if self.features_cached:
+            self.feature_cache.require_frozen(self.backbone)  # no stage whose output is cached may unfreeze
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        images, labels = batch
-        logits = self(images)
+        inputs, labels = batch  # images, or the backbone's features of them once cached
+        logits = self.head(inputs) if self.features_cached else self(inputs)
         loss = F.cross_entropy(logits, labels)
         accuracy = getattr(self, f"{stage}_acc")
         accuracy(logits, labels)

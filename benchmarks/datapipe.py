@@ -1,0 +1,189 @@
+"""The data pipeline alone: images/s a DataLoader delivers, per worker and with the default workers.
+
+    python benchmarks/datapipe.py                        # seefood512 (full-res JPEG) and CIFAR-10 (32 px) at 224 px
+    python benchmarks/datapipe.py --sizes 128 224 --cifar-per-class 200
+
+Every variant reads the training split with d2l's training transform (RandomResizedCrop + flip +
+normalise) at the given size and yields float batches (32 images), as the model gets them:
+
+- `project`: the project's dataset and transforms (PIL decode via `read_rgb`, then the transforms on
+  the uint8 tensor);
+- `PIL transforms`: the same decode, the transforms on the PIL image (the transform order before);
+- `decode_jpeg`: torchvision.io.decode_jpeg (RGB) instead of PIL, tensor transforms;
+- `PIL draft`: PIL's JPEG draft mode (DCT downscaling to at least the output size), tensor transforms;
+- `batch resize` (tiny sources): the crop and flip at the source size per image, uint8 batches, then
+  the resize to the output size and normalisation on the whole batch in the main process (its cost
+  is inside the timing).
+
+Against these, the model's training step rate at the same size on this CPU (ResNet-18 and
+EfficientNet-Lite0, the same batch size, forward + backward + SGD step, channels-last off) says how many workers
+keep it fed. Each rate is the median of `--rounds`, after one warm-up batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import DATASETS, machine, median, table
+from PIL import Image
+from strategies import cifar10_subset
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision.transforms import v2
+
+from finetune.data.datamodule import Transformed
+from finetune.data.images import ImageFolder, read_rgb
+from finetune.data.transforms import train_transform
+from finetune.models import timm_backbone, torchvision_backbone
+from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+
+class Decoded(Dataset):
+    """`(transform(decode(path)), label)` for the files of an ImageFolder."""
+
+    def __init__(self, folder: ImageFolder, decode: Callable, transform: Callable):
+        self.samples, self.decode, self.transform = folder.samples, decode, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(self.decode(path)), label
+
+
+def pil_transforms(size: int) -> v2.Compose:
+    """d2l's training transform applied to the PIL image, then converted."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def decode_jpeg_rgb(path: Path) -> torch.Tensor:
+    return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+
+
+def pil_draft(size: int) -> Callable[[Path], Image.Image]:
+    def decode(path: Path) -> Image.Image:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale if still >= size
+            return image.convert("RGB")
+
+    return decode
+
+
+def crop_at_source(source_size: int) -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(source_size, antialias=True), v2.RandomHorizontalFlip()])
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (B, 3, s, s) -> normalised float (B, 3, size, size), what the model side would do."""
+    images = F.interpolate(images.float().div_(255), size=(size, size), mode="bilinear", antialias=False)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return images.sub_(mean).div_(std)
+
+
+def loader_rate(dataset: Dataset, batch_size: int, workers: int, rounds: int, after: Callable | None = None) -> float:
+    """Images/s delivered (median of rounds), after one warm-up batch per round."""
+    rates = []
+    for _ in range(rounds):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+        count, start = 0, None
+        for images, _ in loader:
+            if after is not None:
+                images = after(images)
+            if start is None:
+                start = time.perf_counter()
+                continue
+            count += len(images)
+        rates.append(count / (time.perf_counter() - start))
+    return median(rates)
+
+
+def step_rate(name: str, size: int, batch_size: int, steps: int = 3) -> float:
+    """Training images/s of the backbone + a linear head on random batches (what the loader must keep up with)."""
+    backbone = (
+        torchvision_backbone(name, pretrained=False)
+        if name == "resnet18"
+        else timm_backbone(name, pretrained=True, package_weights=True)
+    )
+    model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.num_features, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(batch_size, 3, size, size), torch.randint(10, (batch_size,))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return batch_size / median(times[1:])
+
+
+def variants(folder: ImageFolder, size: int, tiny_source: int | None) -> dict[str, tuple[Dataset, Callable | None]]:
+    project = train_transform(size, IMAGENET_MEAN, IMAGENET_STD)
+    found = {
+        "project": (Transformed(folder, range(len(folder)), project), None),
+        "PIL transforms": (Decoded(folder, read_rgb, pil_transforms(size)), None),
+        "decode_jpeg": (Decoded(folder, decode_jpeg_rgb, project), None),
+        "PIL draft": (Decoded(folder, pil_draft(size), project), None),
+    }
+    if tiny_source:
+        crop = crop_at_source(tiny_source)
+        found["batch resize"] = (Decoded(folder, read_rgb, crop), lambda images: resize_batch(images, size))
+    return found
+
+
+def main(argv: list[str] | None = None) -> list[list[object]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seefood", type=Path, default=DATASETS / "seefood512")
+    parser.add_argument("--cifar", type=Path, default=DATASETS / "cifar10-jpg.tar.gz", help="the JPEG export archive")
+    parser.add_argument("--cifar-per-class", type=int, default=100, help="training images per class to extract")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="the default: min(8, cores)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=["resnet18", "tf_efficientnet_lite0"])
+    args = parser.parse_args(argv)
+
+    print(f"# Data pipeline, batches of {args.batch_size}: {machine()}\n", flush=True)
+    sources = [("seefood512", args.seefood / "train", None)]
+    if args.cifar.is_file() or args.cifar.is_dir():
+        cifar = (
+            args.cifar
+            if args.cifar.is_dir()
+            else cifar10_subset(args.cifar, Path("/tmp") / f"cifar10-{args.cifar_per_class}-0", args.cifar_per_class, 0)
+        )
+        sources.append(("cifar10 (32 px)", cifar / "train", 32))
+    rows = []
+    for size in args.sizes:
+        for source, folder_path, tiny in sources:
+            folder = ImageFolder(folder_path)
+            for variant, (dataset, after) in variants(folder, size, tiny).items():
+                per_worker = loader_rate(dataset, args.batch_size, 1, args.rounds, after)
+                default = loader_rate(dataset, args.batch_size, args.workers, args.rounds, after)
+                rows.append([source, size, variant, per_worker, default])
+                print(rows[-1], flush=True)
+    print(f"\nimages/s delivered (1 worker = per worker; {args.workers} workers = the default here)\n")
+    print(table(["source", "size", "pipeline", "1 worker", f"{args.workers} workers"], rows))
+    steps = [[name, size, step_rate(name, size, args.batch_size)] for name in args.models for size in args.sizes]
+    if steps:
+        print("\nthe model's training step rate on this CPU (images/s)\n")
+        print(table(["model", "size", "images/s"], steps))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

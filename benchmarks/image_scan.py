@@ -1,0 +1,122 @@
+"""What the bad-image scan at setup costs, and what a cheaper header check would miss.
+
+    python benchmarks/image_scan.py                   # hotdog64 and seefood512 from ../shared/datasets
+    python benchmarks/image_scan.py --rounds 5
+
+`ImageFolder` decodes every file once before training (`finetune.data.images.find_bad_images`: a thread
+pool, JPEGs at 1/8 size). Timed against: a header check (`Image.open` + `verify`, same pool), and one
+full sequential pass of `read_rgb` over the same files, the decoding that every epoch does at least.
+The three alternate for `--rounds` rounds (medians), so load from other jobs falls on all of them.
+Then each kind of bad file is built and both checks are asked whether they catch it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from _common import DATASETS, machine, median, table
+from PIL import Image
+
+from finetune.data.images import IMAGE_EXTENSIONS, find_bad_images, read_rgb
+
+
+def header_problems(paths: list[Path]) -> dict[Path, str]:
+    """The cheap alternative: parse the header and, where the format has one (PNG), verify checksums."""
+
+    def problem(path: Path) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as err:
+            return f"{type(err).__name__}: {err}"
+        return None
+
+    with ThreadPoolExecutor() as pool:
+        problems = list(pool.map(problem, paths))
+    return {path: p for path, p in zip(paths, problems, strict=True) if p}
+
+
+def decode_all(paths: list[Path]) -> None:
+    for path in paths:
+        read_rgb(path)
+
+
+def timed(function: Callable[[list[Path]], object], paths: list[Path]) -> float:
+    start = time.perf_counter()
+    function(paths)
+    return time.perf_counter() - start
+
+
+def png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def bad_files(folder: Path) -> dict[str, Path]:
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    pixels.save(folder / "whole.jpg")
+    pixels.save(folder / "whole.png")
+    jpeg, png = (folder / "whole.jpg").read_bytes(), (folder / "whole.png").read_bytes()
+    cases = {
+        "truncated JPEG (half the file)": ("truncated.jpg", jpeg[: len(jpeg) // 2]),
+        "truncated PNG (half the file)": ("truncated.png", png[: len(png) // 2]),
+        "JPEG with its last 2 bytes (EOI) cut": ("no_eoi.jpg", jpeg[:-2]),
+        "empty file": ("empty.jpg", b""),
+        "text named .jpg": ("text.jpg", b"not an image\n"),
+        "decompression bomb (10^10 px header)": ("bomb.png", png_header(100_000, 100_000)),
+        "over MAX_IMAGE_PIXELS (10^8 px header)": ("large.png", png_header(10_000, 10_000)),
+    }
+    for name, content in cases.values():
+        (folder / name).write_bytes(content)
+    return {case: folder / name for case, (name, _) in cases.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--datasets", nargs="+", default=["hotdog64", "seefood512"])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"Machine: {machine()}\n")
+
+    rows = []
+    for name in args.datasets:
+        paths = sorted(p for p in (DATASETS / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            print(f"{DATASETS / name}: absent, skipped")
+            continue
+        decode_all(paths)  # warm the page cache: every variant reads from memory
+        times: dict[str, list[float]] = {"scan": [], "header": [], "epoch": []}
+        for _ in range(args.rounds):
+            times["scan"].append(timed(find_bad_images, paths))
+            times["header"].append(timed(header_problems, paths))
+            times["epoch"].append(timed(decode_all, paths))
+        scan, header, epoch = (median(times[k]) for k in ("scan", "header", "epoch"))
+        rows.append([name, len(paths), scan, header, epoch, scan / epoch, header / epoch])
+    headers = ["dataset", "files", "scan s", "header check s", "one decode pass s", "scan/pass", "header/pass"]
+    print(table(headers, rows))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = bad_files(Path(tmp))
+        found_by_scan = find_bad_images(list(cases.values()))
+        found_by_header = header_problems(list(cases.values()))
+        caught = [
+            [case, "yes" if path in found_by_scan else "no", "yes" if path in found_by_header else "no"]
+            for case, path in cases.items()
+        ]
+    print("\nWhich bad files each check catches (a decode at training time fails on all of them):\n")
+    print(table(["bad file", "scan (decode)", "header check"], caught))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Strategy comparison on real data: EfficientNet-Lite0 (ImageNet weights), every strategy, several seeds.
+
+    python benchmarks/strategies.py                                  # hotdog64, 128 px, seeds 1,2,3, 5 epochs
+    python benchmarks/strategies.py --data cifar10 --train-per-class 100 --test-per-class 50
+
+Runs the sweeps as a user types them (`train.py -m ...`, one multirun folder each, under one output
+folder), then `python -m finetune.report` on that folder, which prints the table and writes
+report.md and the plots there. Per seed, two sweeps: every strategy at the shared lr (the d2l
+fine-tune recipe: SGD 6.4e-3, batch 128, head 10x), and `scratch` again at 10x that lr for every
+weight, as d2l trains its scratch model, so scratch is not judged at an lr chosen for pretrained
+weights. Seed by seed, with a report after each, so a run cut short still compares every strategy.
+The shared datasets are never copied into the project; CIFAR-10's subset is extracted to /tmp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tarfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+STRATEGIES = "scratch,freeze,finetune,freeze_unfreeze,gradual,llrd"
+SHARED_LR = 6.4e-3
+
+
+def cifar10_subset(archive: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
+    """The images numbered below N in every class folder of the JPEG export (the same subset every time)."""
+    done = dest / ".complete"
+    if done.exists():
+        return dest
+    limits = {"train": train_per_class, "test": test_per_class}
+    with tarfile.open(archive) as tar:
+        members = [
+            m
+            for m in tar
+            if m.isfile() and len(parts := Path(m.name).parts) == 3 and int(Path(parts[2]).stem) < limits[parts[0]]
+        ]
+        tar.extractall(dest, members=members, filter="data")
+    done.touch()
+    return dest
+
+
+def sweep(sweep_dir: Path, overrides: list[str]) -> None:
+    command = [sys.executable, "train.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    print("$", " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    print(f"  done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=("hotdog64", "cifar10"), default="hotdog64")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
+    parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
+    parser.add_argument("--out", type=Path, help="default: logs/benchmarks/strategies-<data>/<time>")
+    args = parser.parse_args()
+
+    if args.data == "cifar10":
+        subset = f"cifar10-{args.train_per_class}-{args.test_per_class}"
+        root = cifar10_subset(
+            DATASETS / "cifar10-jpg.tar.gz", Path("/tmp") / subset, args.train_per_class, args.test_per_class
+        )
+    else:
+        root = DATASETS / "hotdog64"
+    out = args.out or ROOT / "logs" / "benchmarks" / f"strategies-{args.data}" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    common = [
+        "model=efficientnet_lite0",
+        "data=imagefolder",
+        f"data.root={root}",
+        f"data.image_size={args.image_size}",
+        "data.batch_size=128",
+        f"data.num_workers={args.num_workers}",
+        f"trainer.max_epochs={args.epochs}",
+        "~callbacks.progress_bar",
+        "~callbacks.model_summary",
+    ]
+    for seed in args.seeds.split(","):
+        lr = f"optimizer.lr={SHARED_LR:g}"
+        sweep(out / f"seed{seed}" / "strategies", [f"seed={seed}", f"strategy={STRATEGIES}", lr, *common])
+        lr = f"optimizer.lr={SHARED_LR * 10:g}"
+        sweep(out / f"seed{seed}" / "scratch_lr10x", [f"seed={seed}", "strategy=scratch", lr, *common])
+        subprocess.run([sys.executable, "-m", "finetune.report", str(out)], cwd=ROOT, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Training throughput of train.py's fit against a plain PyTorch loop (d2l style), measured in one process.
+
+    python benchmarks/throughput.py                          # ResNet-18 and EfficientNet-Lite0, 128 and 224 px
+    python benchmarks/throughput.py --models resnet18 --sizes 128 --steps 10 --rounds 3
+
+Both sides train the same architecture with the same weights, data, transforms, batch size, workers and
+optimizer: the fit is built by `finetune.train.build` with the Trainer, callbacks and loggers of the
+config (progress bar off), the plain loop is what d2l's `train_batch_ch13` does on the library's model
+(`torchvision`/`timm` with a new classifier): zero_grad, forward, loss, backward, step, and the running
+loss and accuracy. Images/s count the optimizer steps after `--warmup` steps. The two alternate, in
+turn first, for `--rounds` rounds, so load from other jobs falls on both; the ratio is of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, table
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader
+
+from finetune.train import build
+
+MODELS = {
+    "resnet18": ["model=resnet18", "model.pretrained=false"],  # no torchvision weights offline: same speed
+    "efficientnet_lite0": ["model=efficientnet_lite0"],
+    "tiny": ["model=timm", "model.name=mobilenetv3_small_050", "model.pretrained=false"],  # smoke tests
+}
+DEFAULT_MODELS = ["resnet18", "efficientnet_lite0"]
+
+
+def overrides(data: Path, model: str, size: int, batch_size: int, steps: int, extra: list[str]) -> list[str]:
+    return [
+        "data=imagefolder",
+        f"data.root={data}",
+        f"data.image_size={size}",
+        f"data.batch_size={batch_size}",
+        *MODELS[model],
+        *QUIET,
+        "trainer.max_epochs=1",
+        f"++trainer.limit_train_batches={steps}",
+        "++trainer.limit_val_batches=0",
+        "++trainer.num_sanity_val_steps=0",
+        *extra,
+    ]
+
+
+def plain_model(cfg: DictConfig, module: nn.Module) -> nn.Module:
+    """The library's classifier with `module`'s weights (same tensors in the same order), as d2l builds it."""
+    num_classes = module.head.out_features
+    if "torchvision" in cfg.model.backbone._target_:
+        net = torchvision.models.get_model(cfg.model.name, num_classes=num_classes)
+    else:
+        net = timm.create_model(cfg.model.name, num_classes=num_classes)
+    theirs, ours = net.state_dict(), module.state_dict()
+    pairs = list(zip(theirs.items(), ours.values(), strict=True))
+    if any(mine.shape != tensor.shape for (_, tensor), mine in pairs):
+        raise ValueError(f"{cfg.model.name}: the library model's tensors do not line up with the module's")
+    net.load_state_dict({name: mine for (name, _), mine in pairs})
+    if cfg.model.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
+def plain_loop(cfg: DictConfig, steps: int) -> list[float]:
+    """d2l's training loop over the same data and transforms; the time after every optimizer step."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, module = build(cfg)
+    datamodule.setup("fit")
+    net = plain_model(cfg, module)
+    head = net.get_classifier() if hasattr(net, "get_classifier") else net.fc
+    head_ids = {id(p) for p in head.parameters()}
+    groups = [
+        {"params": [p for p in net.parameters() if id(p) not in head_ids], "lr_mult": 1.0},
+        {"params": list(head.parameters()), "lr_mult": cfg.model.head_lr_mult},
+    ]
+    optimizer = instantiate(cfg.optimizer)(groups)
+    for group in optimizer.param_groups:
+        group["lr"] *= group["lr_mult"]
+    loader = DataLoader(
+        datamodule.datasets["train"],
+        batch_size=datamodule.batch_size,
+        shuffle=True,
+        num_workers=datamodule.num_workers,
+        persistent_workers=datamodule.persistent_workers,
+    )
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg.trainer.precision == "bf16-mixed")
+    net.train()
+    times, loss_sum, correct = [], 0.0, 0
+    for step, (images, labels) in enumerate(loader):
+        if step == steps:
+            break
+        optimizer.zero_grad()
+        with autocast:
+            logits = net(images)
+            loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss) * len(labels)
+        correct += int((logits.argmax(1) == labels).sum())
+        times.append(time.perf_counter())
+    return times
+
+
+def measure(cfg: DictConfig, steps: int, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Images/s of each side, alternating which goes first."""
+    batch_size = cfg.data.batch_size
+    rates: dict[str, list[float]] = {"lightning": [], "plain": []}
+    for round_ in range(rounds):
+        for side in ("lightning", "plain") if round_ % 2 == 0 else ("plain", "lightning"):
+            if side == "lightning":
+                clock = StepClock()
+                fit(cfg, clock)
+                times = clock.times
+            else:
+                times = plain_loop(cfg, steps)
+            rates[side].append(images_per_s(times, warmup, batch_size))
+            gc.collect()  # the finished side's workers and tensors go now, not during the other's steps
+    return rates
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "overrides", nargs="*", help="extra config overrides for both sides, e.g. model.channels_last=true"
+    )
+    args = parser.parse_args(argv)
+
+    print(f"# Throughput, train.py fit vs plain loop: {machine()}\n")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for size in args.sizes:
+                steps = args.warmup + args.steps
+                cfg = config(overrides(args.data, model, size, args.batch_size, steps, args.overrides), Path(tmp))
+                rates = measure(cfg, steps, args.warmup, args.rounds)
+                ratio = median(rates["lightning"]) / median(rates["plain"])
+                rounds = " ".join(f"{a / b:.3f}" for a, b in zip(rates["lightning"], rates["plain"], strict=True))
+                results.append(
+                    {
+                        "model": model,
+                        "size": size,
+                        "lightning": median(rates["lightning"]),
+                        "plain": median(rates["plain"]),
+                        "ratio": ratio,
+                        "overhead ms/step": 1000
+                        * args.batch_size
+                        * (1 / median(rates["lightning"]) - 1 / median(rates["plain"])),
+                        "rounds": rounds,
+                    }
+                )
+                print(f"{model} {size}px: {rates}", flush=True)
+    headers = ["model", "size", "lightning", "plain", "ratio", "overhead ms/step", "rounds"]
+    print("\nimages/s (median of rounds), ratio = train.py / plain loop; per-round ratios in the last column\n")
+    print(table(headers, [[r[h] for h in headers] for r in results]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

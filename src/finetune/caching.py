@@ -1,0 +1,165 @@
+"""Feature caching for a frozen backbone: it runs once per split and the head trains on its output.
+
+With `strategy=freeze strategy.cache_features=true` the whole backbone stays frozen for the whole run, so
+it is a pure function of the transformed image (`Backbone.forward_frozen`). Its output on every split is
+computed once and stored in `cache_dir` under a key that hashes everything it depends on: the frozen
+stages' architecture and weights, the transform, the images' bytes and labels, and the precision. A
+changed backbone, weights, transform or image gives a new key, so a stale cache is never read, and a
+later run on the same data and backbone (a sweep over the head's lr) skips the backbone entirely.
+
+With augmentation on (`data.augment=true`) the training split is cached as `views` augmented views:
+view v holds exactly the augmentation that the uncached run draws in epoch v (the same per-sample
+seeds, see `finetune.data.sampling`), and every time a sample is drawn it comes from one of its views
+at random. Validation and test use the deterministic eval transform: one view.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.data.sampling import Seeded, augmentation_seeds
+from finetune.errors import ConfigError
+
+if TYPE_CHECKING:  # finetune.data imports the backbones, whose package imports this module
+    from finetune.data.datamodule import Transformed
+    from finetune.models.backbones import Backbone
+
+log = logging.getLogger(__name__)
+
+FORMAT = "finetune-features-v1"  # part of every key: a changed file layout never reads an old file
+
+
+class CachedFeatures(Dataset):
+    """`(features, label)` from `views x N` stored features; with several views each access picks one at random."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        view = int(torch.randint(len(self.features), ())) if len(self.features) > 1 else 0
+        return self.features[view, index], int(self.labels[index])
+
+
+def backbone_key(backbone: Backbone) -> str:
+    """The frozen stages' architecture and every weight and buffer (BatchNorm statistics included)."""
+    frozen = backbone.stages[: backbone.frozen_stages]
+    digest = hashlib.sha256(repr(frozen).encode())
+    for name, tensor in frozen.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _sample_bytes(dataset: Dataset, index: int) -> bytes:
+    """One sample: an image folder's file bytes and label, or else the decoded pixels and label."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        path, label = samples[index]
+        return Path(path).read_bytes() + f"|{label}".encode()
+    image, label = dataset[index]
+    return image.tobytes() + f"|{image.mode}|{image.size}|{label}".encode()
+
+
+def split_key(backbone: str, split: Transformed, extra: str = "") -> str:
+    """The key of one cached split: the backbone's key, the transform, every sample in order, and `extra`."""
+    digest = hashlib.sha256(f"{FORMAT}|{backbone}|{split.transform!r}|{extra}".encode())
+    for index in split.indices:
+        digest.update(hashlib.sha256(_sample_bytes(split.dataset, index)).digest())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Turns every split of the datamodule into the frozen backbone's output on it (see the module docstring).
+
+    `views`: augmented views of the training split to cache when the data is augmented (1 = one fixed
+    augmentation per image); `cache_dir`: where the features live (`<key>.pt`, read with weights_only=True).
+    """
+
+    def __init__(self, enabled: bool = False, views: int = 1, cache_dir: str | os.PathLike = "data/features"):
+        if views < 1:
+            raise ConfigError(f"strategy.cache_views={views} must be >= 1")
+        self.enabled, self.views, self.cache_dir = enabled, views, Path(cache_dir).expanduser()
+
+    @staticmethod
+    def require_frozen(backbone: Backbone) -> None:
+        """Cached features stay right only while no backbone stage trains."""
+        if backbone.frozen_stages != backbone.num_stages:
+            trainable = backbone.num_stages - backbone.frozen_stages
+            raise ConfigError(
+                "strategy.cache_features=true needs a backbone frozen for the whole run (strategy=freeze), "
+                f"but {trainable} of its {backbone.num_stages} stages train: set strategy.cache_features=false"
+            )
+
+    def attach(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """Replaces the trainer's datamodule splits by their cached features, computing the missing ones."""
+        self.require_frozen(module.backbone)
+        datamodule = trainer.datamodule
+        if not isinstance(getattr(datamodule, "datasets", None), dict):
+            raise ConfigError("strategy.cache_features=true needs the data from a finetune DataModule (config `data`)")
+        weights = backbone_key(module.backbone)
+        for split, dataset in datamodule.datasets.items():
+            if isinstance(dataset, CachedFeatures):  # a second fit on the same datamodule
+                continue
+            augmented = split == "train" and datamodule.augment
+            views = [
+                self._view(trainer, module, dataset, weights, (datamodule.seed, epoch) if augmented else None)
+                for epoch in range(self.views if augmented else 1)
+            ]
+            features = torch.stack([features for features, _ in views])
+            datamodule.datasets[split] = CachedFeatures(features, views[0][1])
+        # The splits are tensors in memory now: worker processes would only add start-up time and copies.
+        datamodule.num_workers, datamodule.persistent_workers = 0, False
+
+    def _view(
+        self,
+        trainer: L.Trainer,
+        module: L.LightningModule,
+        dataset: Transformed,
+        weights: str,
+        seed: tuple[int, int] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, labels) of one view of a split: read from the cache, or computed and stored."""
+        extra = f"precision={trainer.precision}|augmentation seed, epoch={seed}"
+        path = self.cache_dir / f"{split_key(weights, dataset, extra)}.pt"
+        if path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            log.info("Features of %d images read from %s", len(stored["labels"]), path)
+            return stored["features"], stored["labels"]
+        start = time.perf_counter()
+        sampler = (
+            range(len(dataset)) if seed is None else list(enumerate(augmentation_seeds(*seed, len(dataset)).tolist()))
+        )
+        datamodule = trainer.datamodule
+        loader = DataLoader(
+            Seeded(dataset),
+            batch_size=datamodule.batch_size,
+            sampler=sampler,
+            num_workers=datamodule.num_workers,
+            pin_memory=datamodule.pin_memory,
+        )
+        features, labels = [], []
+        with trainer.precision_plugin.forward_context():  # autocast as in training (bf16-mixed)
+            for images, targets in loader:
+                features.append(module.backbone.forward_frozen(images.to(module.device)).float().cpu())
+                labels.append(targets)
+        stored = {"features": torch.cat(features), "labels": torch.cat(labels)}
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.part")  # a reader never sees half a file
+        torch.save(stored, partial)
+        partial.replace(path)
+        log.info(
+            "Features of %d images computed in %.1f s, stored in %s", len(dataset), time.perf_counter() - start, path
+        )
+        return stored["features"], stored["labels"]

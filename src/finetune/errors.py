@@ -1,0 +1,27 @@
+"""Errors in what the user gave (config, data, files, network): `train.py`/`eval.py` print their message alone.
+
+Each message says what is wrong and what to change, so a traceback would only hide it. Every class also
+derives from the built-in error it replaces, so `except ValueError` / `FileNotFoundError` still work.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input rather than a bug: the command line shows `Error: <message>` and exits with status 1."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be used as given (classes, splits, images); the message names the file or folder."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the config points at does not exist."""
+
+
+class DownloadError(UserError, RuntimeError):
+    """Data or weights that could not be fetched or failed their checksum; the message says how to give them locally."""

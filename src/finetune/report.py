@@ -1,0 +1,293 @@
+"""A sweep's results as tables and plots: `python -m finetune.report <run or multirun folder>`.
+
+Reads what every run under the folder wrote (any folder with `.hydra/overrides.yaml`): its
+TensorBoard events (metrics per epoch), its overrides and config, and `status.json` (completed or
+failed, wall time). Writes `report.md` and PNG plots into the folder and prints the tables.
+Figures are built without pyplot (Agg canvas), so this runs headless and leaves a notebook's backend alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+
+from finetune.run_status import read_status
+
+CURVES = ("val/acc", "val/loss", "train/acc_epoch", "train/loss_epoch")
+GROUPED_OUT = ("seed",)  # runs that differ only in these are repeats of one setting
+
+
+@dataclass
+class Run:
+    name: str
+    overrides: dict[str, str]
+    strategy: str | None
+    lr: float | None
+    status: str
+    error: str | None
+    wall_time_s: float
+    curves: dict[str, list[float]]  # per epoch, index = epoch
+    test_acc: float
+
+    @property
+    def best_val_acc(self) -> float:
+        return max(self.curves.get("val/acc") or [math.nan])
+
+    @property
+    def epochs(self) -> int:
+        return len(self.curves.get("val/acc", []))
+
+
+def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the run's event files, by step; a later value at the same step wins (a resume)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, dict[int, float]] = {}
+    for folder in sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")}):
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
+def _per_epoch(scalars: dict[str, dict[int, float]]) -> dict[str, list[float]]:
+    """Lightning logs `epoch` at every step it logs metrics, which maps each step to its epoch."""
+    epoch_at = {step: int(value) for step, value in scalars.get("epoch", {}).items()}
+    curves = {}
+    for tag in CURVES:
+        by_epoch = {epoch_at[step]: value for step, value in sorted(scalars.get(tag, {}).items()) if step in epoch_at}
+        curves[tag] = [by_epoch[e] for e in sorted(by_epoch)]
+    return curves
+
+
+def load_run(run_dir: Path, name: str) -> Run:
+    overrides = {}
+    for line in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"):
+        key, _, value = str(line).partition("=")
+        overrides[key] = value
+    config_file = run_dir / ".hydra" / "config.yaml"
+    config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
+    status = read_status(run_dir)
+    scalars = _scalars(run_dir)
+    test = scalars.get("test/acc", {})
+    return Run(
+        name=name,
+        overrides=overrides,
+        strategy=OmegaConf.select(config, "strategy.name", throw_on_resolution_failure=False),
+        lr=OmegaConf.select(config, "optimizer.lr", throw_on_resolution_failure=False),
+        status=str(status.get("status", "unfinished")),
+        error=status.get("error"),
+        wall_time_s=float(status.get("wall_time_s", math.nan)),
+        curves=_per_epoch(scalars),
+        test_acc=test[max(test)] if test else math.nan,
+    )
+
+
+def _natural(path: Path) -> list[tuple[int, int, str]]:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
+
+
+def load_runs(folder: str | os.PathLike) -> list[Run]:
+    """The run in `folder`, or every run below it (job folders of one or more multiruns), in job order."""
+    folder = Path(folder)
+    run_dirs = sorted((p.parent.parent for p in folder.rglob(".hydra/overrides.yaml")), key=_natural)
+    if not run_dirs:
+        raise FileNotFoundError(f"No runs under {folder} (a run folder holds .hydra/overrides.yaml)")
+    return [load_run(d, d.relative_to(folder).as_posix() if d != folder else d.name) for d in run_dirs]
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Override keys whose value is not the same in every run (the sweep's axes), in command-line order."""
+    keys = list(dict.fromkeys(k for run in runs for k in run.overrides))
+    return [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
+
+
+def _value(text: str | None) -> str:
+    """An override's value for a table: numbers to 3 significant digits (Optuna writes 17)."""
+    if text is None:
+        return "default"
+    try:
+        return f"{float(text):.3g}"
+    except ValueError:
+        return text
+
+
+def setting(run: Run, keys: Sequence[str]) -> str:
+    """The run's values of `keys` other than the seed: what its repeats have in common."""
+    return " ".join(f"{k}={_value(run.overrides.get(k))}" for k in keys if k not in GROUPED_OUT) or "all runs"
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def runs_table(runs: Sequence[Run]) -> str:
+    """One row per run: the overrides that differ, best val acc, test acc, epochs, wall time, status."""
+    keys = varying_keys(runs)
+    header = ["run", *keys, "best val acc", "test acc", "epochs", "wall time (s)", "status"]
+    rows = [
+        [
+            run.name,
+            *(_value(run.overrides.get(k)) for k in keys),
+            _fmt(run.best_val_acc),
+            _fmt(run.test_acc),
+            str(run.epochs),
+            _fmt(run.wall_time_s, 0),
+            run.status,
+        ]
+        for run in runs
+    ]
+    return _markdown(header, rows)
+
+
+def _mean_and_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean, sample std (0 for one value) and count of the values that are not NaN."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    mean, std, count = _mean_and_std(values)
+    return _fmt(mean) if count < 2 else f"{mean:.3f} ± {std:.3f}"
+
+
+def groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs by setting (every varying override but the seed), in order of first appearance."""
+    keys = varying_keys(runs)
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        grouped.setdefault(setting(run, keys), []).append(run)
+    return grouped
+
+
+def summary_table(runs: Sequence[Run]) -> str:
+    """Repeated seeds of one setting as mean ± sample std over its completed runs."""
+    header = ["setting", "completed", "best val acc", "test acc", "wall time (s)"]
+    rows = []
+    for label, members in groups(runs).items():
+        done = [r for r in members if r.status == "completed"]
+        rows.append(
+            [
+                label,
+                f"{len(done)}/{len(members)}",
+                _mean_std([r.best_val_acc for r in done]),
+                _mean_std([r.test_acc for r in done]),
+                _fmt(statistics.mean(r.wall_time_s for r in done), 0) if done else "-",
+            ]
+        )
+    return _markdown(header, rows)
+
+
+def plot_curves(runs: Sequence[Run]) -> Figure:
+    """Validation accuracy and loss per epoch, one line per run, one colour per setting."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for index, (label, members) in enumerate(groups(runs).items()):
+        for n, run in enumerate(members):
+            for ax, tag in zip(axes, ("val/acc", "val/loss"), strict=True):
+                values = run.curves.get(tag, [])
+                ax.plot(range(len(values)), values, marker="o", color=f"C{index % 10}", label=None if n else label)
+    for ax, title in zip(axes, ("validation accuracy", "validation loss"), strict=True):
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return fig
+
+
+def plot_lr(runs: Sequence[Run]) -> Figure | None:
+    """Accuracy against lr (log x) per setting; failed runs as red crosses at 0. None if lr did not vary."""
+    if len({r.lr for r in runs if r.lr is not None}) < 2:
+        return None
+    keys = [k for k in varying_keys(runs) if k != "optimizer.lr"]
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.subplots()
+    series: dict[str, list[Run]] = {}
+    for run in runs:
+        series.setdefault(setting(run, keys), []).append(run)
+    for index, (label, members) in enumerate(series.items()):
+        done = sorted((r for r in members if r.status == "completed"), key=lambda r: r.lr)
+        name = "" if len(series) == 1 else f" ({label})"
+        ax.plot([r.lr for r in done], [r.best_val_acc for r in done], "o-", color=f"C{index}", label="best val" + name)
+        ax.plot([r.lr for r in done], [r.test_acc for r in done], "s--", color=f"C{index}", label="test" + name)
+    failed = [r.lr for r in runs if r.status == "failed" and r.lr is not None]
+    if failed:
+        ax.plot(failed, [0.0] * len(failed), "x", color="red", markersize=10, label="failed")
+    ax.set(xscale="log", xlabel="optimizer.lr", ylabel="accuracy", title="accuracy against lr")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_strategies(runs: Sequence[Run]) -> Figure | None:
+    """Mean best val and test accuracy per setting (error bar: std over seeds). None if one strategy only."""
+    if len({r.strategy for r in runs}) < 2:
+        return None
+    labels, stats = [], []
+    for label, members in groups(runs).items():
+        done = [r for r in members if r.status == "completed"]
+        labels.append(label.replace(" ", "\n"))
+        stats.append([_mean_and_std([getattr(r, key) for r in done])[:2] for key in ("best_val_acc", "test_acc")])
+    fig = Figure(figsize=(max(6.0, 1.3 * len(labels)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.4
+    for offset, (name, column) in enumerate((("best val acc", 0), ("test acc", 1))):
+        xs = [i + (offset - 0.5) * width for i in range(len(labels))]
+        means, stds = zip(*(s[column] for s in stats), strict=True)
+        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
+        ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
+    ax.set_xticks(range(len(labels)), labels, fontsize="small")
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title="strategies (mean ± std over seeds)")
+    ax.legend(fontsize="small", loc="lower right")
+    return fig
+
+
+def write_report(folder: str | os.PathLike) -> str:
+    """Writes report.md and the plots into `folder`; returns the report's text."""
+    folder = Path(folder)
+    runs = load_runs(folder)
+    parts = [f"# Report: {folder}", "", "## Runs", "", runs_table(runs)]
+    failed = [f"- {r.name}: {r.error}" for r in runs if r.status == "failed"]
+    if failed:
+        parts += ["", "Failed runs:", "", *failed]
+    if any(len(members) > 1 for members in groups(runs).values()):
+        parts += ["", "## Summary (mean ± std over seeds)", "", summary_table(runs)]
+    plots = {"curves.png": plot_curves(runs), "acc_vs_lr.png": plot_lr(runs), "strategies.png": plot_strategies(runs)}
+    parts += ["", "## Plots", ""]
+    for filename, figure in plots.items():
+        if figure is not None:
+            figure.savefig(folder / filename, dpi=120)
+            parts.append(f"![{filename}]({filename})")
+    text = "\n".join(parts) + "\n"
+    (folder / "report.md").write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Tables and plots of a run or a multirun folder.")
+    parser.add_argument("folder", type=Path, help="a run folder, or a multirun folder holding job folders")
+    args = parser.parse_args(argv)
+    text = write_report(args.folder)
+    print(text.split("\n## Plots")[0])
+    print(f"Wrote {args.folder / 'report.md'} and its plots.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Config rules, checked before any work starts (nothing downloaded, no model built).
+
+Each rule lives here and only here; rules that need the data (a batch larger than the training set)
+are checked by the DataModule's `setup`. Messages name the key to change.
+"""
+
+from __future__ import annotations
+
+import re
+
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.errors import ConfigError
+
+# Every backbone here (ResNet, MobileNetV2, EfficientNet) shrinks its input 32x: below 32 px the last
+# stage sees less than one pixel.
+MIN_IMAGE_SIZE = 32
+POSITIVE = ("optimizer.lr", "model.head_lr_mult", "model.backbone_lr_mult", "model.layer_decay", "data.batch_size")
+_INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
+
+
+def _written(cfg: DictConfig, key: str) -> object:
+    """A value as written in the config, before interpolation."""
+    parent, _, leaf = key.rpartition(".")
+    return OmegaConf.to_container(OmegaConf.select(cfg, parent), resolve=False).get(leaf)
+
+
+def _origin(cfg: DictConfig, key: str) -> str:
+    """The key a user sets: `model.head_lr_mult` is `${strategy.head_lr_mult}` unless overridden."""
+    match = _INTERPOLATION.fullmatch(str(_written(cfg, key)))
+    return _origin(cfg, match[1]) if match else key
+
+
+def _late_unfreezing(cfg: DictConfig) -> str | None:
+    epochs = OmegaConf.select(cfg, "strategy.callback.unfreeze_at") or []
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    late = [e for e in epochs if max_epochs is not None and 0 <= max_epochs <= e]
+    if not late:
+        return None
+    written = _written(cfg, "strategy.callback.unfreeze_at")
+    match = _INTERPOLATION.fullmatch(str(written[0])) if len(written) == 1 else None
+    key = _origin(cfg, match[1]) if match else "strategy.callback.unfreeze_at"
+    return (
+        f"{key}={OmegaConf.select(cfg, key)} must be < trainer.max_epochs={max_epochs} (epochs count from 0): "
+        f"stages unfrozen at epoch {late} would never train"
+    )
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Everything wrong with a composed train config, one line each."""
+    problems = [
+        f"{_origin(cfg, key)}={value} must be > 0"
+        for key in POSITIVE
+        if (value := OmegaConf.select(cfg, key)) is not None and not value > 0
+    ]
+    image_size = OmegaConf.select(cfg, "data.image_size")
+    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+        problems.append(
+            f"data.image_size={image_size} is too small: the backbones shrink images {MIN_IMAGE_SIZE}x, "
+            f"so it must be >= {MIN_IMAGE_SIZE}"
+        )
+    val_fraction = OmegaConf.select(cfg, "data.val_fraction")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        problems.append(f"data.val_fraction={val_fraction} must be in [0, 1) (0 = validate on the test split)")
+    if late := _late_unfreezing(cfg):
+        problems.append(late)
+    return problems
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raises one ConfigError that lists every problem of the config."""
+    if problems := config_problems(cfg):
+        raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,185 @@
+"""Bad data: odd image modes become proper RGB; unreadable files stop setup with their names, or are skipped."""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, compose_train, make_image_folder
+from PIL import Image
+
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.images import ImageFolder, ImageReadError, read_rgb
+from finetune.errors import ConfigError, DataError, MissingFileError
+from finetune.train import train
+
+RED, GREEN = (255, 0, 0), (0, 255, 0)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that claims `width` x `height` pixels: what a decompression bomb looks like to `Image.open`."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def two_pixels(mode: str, first, second) -> Image.Image:
+    image = Image.new(mode, (2, 1))
+    image.putpixel((0, 0), first)
+    image.putpixel((1, 0), second)
+    return image
+
+
+def palette(transparent: bool) -> Image.Image:
+    image = two_pixels("P", 0, 1)
+    image.putpalette([*RED, *GREEN])
+    if transparent:
+        image.info["transparency"] = 1
+    return image
+
+
+# (file name, writer, the two RGB pixels read_rgb must return)
+CONVERTIBLE = {
+    "grey.png": (lambda p: two_pixels("L", 100, 200).save(p), [(100,) * 3, (200,) * 3]),
+    "palette.png": (lambda p: palette(False).save(p), [RED, GREEN]),
+    "palette_transparent.png": (lambda p: palette(True).save(p), [RED, (255, 255, 255)]),
+    "alpha.png": (lambda p: two_pixels("RGBA", (*RED, 255), (0, 0, 0, 0)).save(p), [RED, (255, 255, 255)]),
+    "grey_alpha.png": (lambda p: two_pixels("LA", (50, 255), (0, 0)).save(p), [(50,) * 3, (255, 255, 255)]),
+    # 65535 is white and 32768 mid-grey; PIL's convert("RGB") would clip both to 255
+    "grey16.png": (
+        lambda p: Image.fromarray(np.array([[65535, 32768]], dtype=np.uint16)).save(p),
+        [(255,) * 3, (128,) * 3],
+    ),
+    "cmyk.jpg": (lambda p: Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(p, quality=100), [RED, RED]),
+    "UPPER.JPG": (lambda p: Image.new("RGB", (8, 8), GREEN).save(p, quality=100), [GREEN, GREEN]),
+}
+
+
+def write_truncated_jpeg(path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# (file name, writer, words the reason must hold)
+UNREADABLE = {
+    "truncated.jpg": (write_truncated_jpeg, "truncated"),
+    "empty.jpg": (lambda p: p.write_bytes(b""), "cannot identify"),
+    "text.png": (lambda p: p.write_text("not an image"), "cannot identify"),
+    # PIL refuses above 2 x MAX_IMAGE_PIXELS itself, and only warns between 1x and 2x: both are refused
+    "bomb.png": (lambda p: p.write_bytes(png_header(100_000, 100_000)), "DecompressionBombError"),
+    "large.png": (lambda p: p.write_bytes(png_header(10_000, 10_000)), "MAX_IMAGE_PIXELS"),
+}
+
+# Never read: hidden files, macOS/Windows clutter, non-image extensions, hidden folders.
+IGNORED = ("notes.txt", "Thumbs.db", ".DS_Store", "._0.png", "labels.csv")
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+def test_every_image_mode_is_read_as_proper_rgb(tmp_path, name):
+    write, expected = CONVERTIBLE[name]
+    write(tmp_path / name)
+    image = read_rgb(tmp_path / name)
+    assert image.mode == "RGB"
+    got = [image.getpixel((0, 0)), image.getpixel((image.width - 1, 0))]
+    assert np.abs(np.array(got, dtype=int) - np.array(expected)).max() <= 3, got  # JPEG is lossy
+
+
+def test_16_bit_png_would_be_clipped_by_a_plain_convert(tmp_path):
+    """The control for grey16.png above: PIL alone turns mid-grey into white."""
+    CONVERTIBLE["grey16.png"][0](tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode.startswith("I;16") and image.convert("RGB").getpixel((1, 0)) == (255, 255, 255)
+
+
+def bad_data_folder(root: Path) -> Path:
+    """A dataset with every case at once: unicode/space class names, all convertible modes, unreadable,
+    hidden and non-image files, a hidden folder; every class keeps readable images."""
+    classes = ("hot dog", "café ☕")
+    make_image_folder(root, classes=classes, train=4, test=2)
+    for name, (write, _) in CONVERTIBLE.items():
+        write(root / "train" / classes[0] / name)
+    for name, (write, _) in UNREADABLE.items():
+        write(root / "train" / classes[1] / name)
+    for name in IGNORED:
+        (root / "train" / classes[0] / name).write_bytes(b"\x00junk")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    return root
+
+
+def test_unreadable_images_stop_before_training_naming_each_file(tmp_path):
+    root = bad_data_folder(tmp_path)
+    with pytest.raises(ImageReadError) as error:
+        ImageFolder(root / "train")
+    message = str(error.value)
+    assert f"{len(UNREADABLE)} images in {root / 'train'} cannot be read" in message
+    assert "data.skip_bad_images=true" in message
+    for name, (_, reason) in UNREADABLE.items():
+        line = next(
+            line for line in message.splitlines() if line.strip().startswith(str(root / "train" / "café ☕" / name))
+        )
+        assert reason in line, line
+
+
+def test_skip_bad_images_leaves_them_out_and_lists_them(tmp_path, caplog):
+    root = bad_data_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="finetune.data.images"):
+        dataset = ImageFolder(root / "train", skip_bad_images=True)
+    assert dataset.classes == ["café ☕", "hot dog"]  # hidden folder ignored, unicode and spaces kept
+    files = {path.name for path, _ in dataset.samples}
+    assert files == {f"{i:03d}.png" for i in range(4)} | set(CONVERTIBLE)
+    assert len(dataset.samples) == 8 + len(CONVERTIBLE)  # no hidden or non-image file, no bad image
+    assert {path.name for path in dataset.skipped} == set(UNREADABLE)
+    assert all(str(root / "train" / "café ☕" / name) in caplog.text for name in UNREADABLE)
+    image, label = dataset[[p.name for p, _ in dataset.samples].index("grey16.png")]
+    assert image.mode == "RGB" and dataset.classes[label] == "hot dog"
+
+
+def test_a_run_trains_through_every_case_with_skip_bad_images(tmp_path):
+    root = bad_data_folder(tmp_path / "data")
+    overrides = ["data=imagefolder", f"data.root={root}", *TINY, "model.pretrained=false", "data.val_fraction=0"]
+    metrics = train(compose_train(tmp_path, [*overrides, "data.skip_bad_images=true"]))
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    with pytest.raises(ImageReadError, match="truncated.jpg"):  # the same data without the flag
+        train(compose_train(tmp_path, overrides))
+
+
+def test_a_class_whose_images_are_all_bad_is_named(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b"), train=1, test=1)
+    (tmp_path / "train" / "b" / "000.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"Class folder .*train/b holds no readable images"):
+        ImageFolder(tmp_path / "train", skip_bad_images=True)
+
+
+def test_one_class_only_is_refused(tmp_path):
+    make_image_folder(tmp_path, classes=("only",), train=2, test=1)
+    with pytest.raises(DataError, match=r"train has only one class folder \(only\): a classifier needs at least 2"):
+        ImageFolder(tmp_path / "train")
+
+
+def test_empty_splits_are_named(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b"), train=2, test=1)
+    for image in (tmp_path / "test").rglob("*.png"):
+        image.unlink()
+    with pytest.raises(DataError, match=r"Class folder .*test/a holds no images \(\.jpg"):
+        ImageFolder(tmp_path / "test")
+    flat = tmp_path / "flat"  # images straight in the split folder, no class folders
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "x.png")
+    with pytest.raises(DataError, match=r"flat has no class folders"):
+        ImageFolder(flat)
+    with pytest.raises(MissingFileError, match=r"Missing folder .*nowhere"):
+        ImageFolder(tmp_path / "nowhere")
+
+
+def test_a_validation_fraction_that_leaves_no_training_image_is_refused(tmp_path):
+    make_image_folder(tmp_path, classes=("a", "b"), train=2, test=1)
+    datamodule = ImageFolderDataModule(tmp_path, image_size=32, mean=(0, 0, 0), std=(1, 1, 1), val_fraction=0.9)
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.9 leaves none of the 4 training images"):
+        datamodule.setup()

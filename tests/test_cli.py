@@ -1,0 +1,90 @@
+"""The commands of README.md, run as a user types them (offline, on generated data)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, compose_train, run_cli
+from finetune.train import train
+
+
+def printed_accuracy(output: str) -> float:
+    return float(re.search(r"Test accuracy: ([0-9.]+)", output).group(1))
+
+
+def only_run(root: Path) -> Path:
+    (run,) = (root / "logs" / "train" / "runs").iterdir()
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, image_folder) -> tuple[Path, str]:
+    """`python train.py model=resnet18 strategy=freeze` on a generated folder, tiny settings."""
+    root = tmp_path_factory.mktemp("cli")
+    args = ["model=resnet18", "strategy=freeze", "data=imagefolder", f"data.root={image_folder}", "model.pretrained=false"]
+    result = run_cli(["train.py", *args, *TINY, "trainer.max_epochs=2"], root)
+    assert result.returncode == 0, result.output
+    return only_run(root), result.output
+
+
+def test_train_writes_config_checkpoints_and_events(trained_run):
+    run, output = trained_run
+    assert f"(outputs in {run})" in output
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert 0.0 <= printed_accuracy(output) <= 1.0
+
+
+def test_tensorboard_events_hold_the_logged_scalars(trained_run):
+    events = EventAccumulator(str(trained_run[0] / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss_step", "train/acc_epoch", "val/loss", "val/acc", "test/acc", "trainable_stages"}
+    assert expected <= tags, tags
+    assert {"lr-SGD/backbone", "lr-SGD/head"} <= tags
+    assert [e.value for e in events.Scalars("trainable_stages")] == [0.0, 0.0]  # strategy=freeze
+    head, backbone = events.Scalars("lr-SGD/head")[0].value, events.Scalars("lr-SGD/backbone")[0].value
+    assert head == pytest.approx(10 * backbone)
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(printed_accuracy(trained_run[1]), abs=1e-4)
+
+
+def test_eval_reproduces_the_test_accuracy_of_the_checkpoint(trained_run, tmp_path):
+    run, output = trained_run
+    result = run_cli(["eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.accelerator=cpu"], tmp_path)
+    assert result.returncode == 0, result.output
+    assert printed_accuracy(result.output) == printed_accuracy(output)
+
+
+def test_offline_demo_runs_as_written(tmp_path):
+    result = run_cli(["train.py", "model=efficientnet_lite0", "data=synthetic"], tmp_path)
+    assert result.returncode == 0, result.output
+    assert printed_accuracy(result.output) >= 0.8  # real ImageNet features separate the shapes
+
+
+def test_default_command_offline_says_what_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    result = run_cli(["train.py"], tmp_path)
+    assert result.returncode != 0
+    assert "resnet18-f37072fd.pth" in result.output and "model.weights_path=" in result.output
+
+
+def test_multirun_sweeps_lr(tmp_path, image_folder):
+    args = ["-m", "optimizer.lr=1e-3,1e-2", "data=imagefolder", f"data.root={image_folder}", "model.pretrained=false"]
+    result = run_cli(["train.py", *args, *TINY], tmp_path)
+    assert result.returncode == 0, result.output
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+    assert len(re.findall(r"Test accuracy", result.output)) == 2
+
+
+@pytest.mark.parametrize("experiment", ["d2l_hotdog", "d2l_hotdog_scratch", "mobilenetv2_cifar10"])
+def test_experiments_run(tmp_path, image_folder, experiment):
+    cfg = compose_train(
+        tmp_path,
+        [f"experiment={experiment}", f"data.root={image_folder}", "model.pretrained=false", *TINY, "trainer.max_epochs=2"]
+        + (["strategy.unfreeze_at_epoch=1"] if experiment == "mobilenetv2_cifar10" else []),
+    )
+    assert 0.0 <= train(cfg)["test/acc"] <= 1.0

@@ -1,0 +1,181 @@
+"""Multi-device and mixed precision: 2-process CPU DDP against one process, bf16 on the CPU,
+SyncBatchNorm, and the SLURM launcher config (composed and rendered, never submitted)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import submitit
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from omegaconf import open_dict
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from conftest import TINY, compose_train, run_cli
+from finetune.errors import ConfigError
+from finetune.train import train
+
+# convnext_atto normalises with LayerNorm (per sample, unlike BatchNorm), so 2 ranks x batch 4 must
+# compute what 1 process x batch 8 does, through the unfreeze at epoch 1 included.
+DDP_RUN = [
+    "data=imagefolder",
+    *TINY,
+    "data.val_fraction=0",
+    "trainer.max_epochs=2",
+    "trainer.deterministic=true",
+    "model=timm",
+    "model.name=convnext_atto",
+    "model.pretrained=false",
+    "strategy=freeze_unfreeze",
+    "strategy.unfreeze_at_epoch=1",
+    "optimizer.momentum=0.9",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)  # trainer.deterministic=true in this process sets it globally
+
+
+def scalars(run: Path) -> dict[str, float]:
+    """The last value of every scalar in the run's TensorBoard events."""
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+
+
+def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder):
+    """24 images: 3 steps of batch 8 on one process, or of batch 4 on each of 2 DDP ranks (gloo)."""
+    result = run_cli(
+        ["train.py", *DDP_RUN, f"data.root={image_folder}", "trainer=ddp_cpu", "data.batch_size=4"], tmp_path
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    (ddp_run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    single = train(compose_train(tmp_path / "single", [*DDP_RUN, f"data.root={image_folder}", "data.batch_size=8"]))
+
+    ddp = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=True)
+    one = torch.load(tmp_path / "single" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ddp["global_step"] == one["global_step"] == 6
+    assert ddp["callbacks"]["StageUnfreezing"] == one["callbacks"]["StageUnfreezing"] == {"trainable_stages": 4}
+    torch.testing.assert_close(ddp["state_dict"], one["state_dict"], rtol=1e-4, atol=1e-6)
+    logged = scalars(ddp_run)  # metrics reduced over both ranks equal the single process's over all samples
+    for key in ("train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc", "test/loss", "test/acc"):
+        assert logged[key] == pytest.approx(single[key], abs=1e-5), key
+    # Only rank 0 writes checkpoints and events; rank 1 has its own Hydra log file only.
+    files = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
+    assert len(files) == 2 and re.fullmatch(r"epoch_00\d.ckpt", files[0]) and files[1] == "last.ckpt", files
+    writers = {p.name.split(".")[-2] for p in (ddp_run / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1  # event files of one process id
+    assert (ddp_run / "train_ddp_process_1.log").is_file()
+
+
+class HeadDtypes(Callback):
+    """Records (training, dtype) of the head's output at every forward."""
+
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.head.register_forward_hook(lambda module, args, out: self.seen.append((module.training, out.dtype)))
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, image_folder):
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model.pretrained=false"]
+    cfg = compose_train(tmp_path, [*overrides, "trainer.precision=bf16-mixed"])
+    with open_dict(cfg):
+        cfg.callbacks.dtypes = {"_target_": f"{__name__}.HeadDtypes"}
+    HeadDtypes.seen = seen = []
+    metrics = train(cfg)
+    assert (True, torch.bfloat16) in seen  # the training forward ran under bf16 autocast
+    assert all(map(math.isfinite, metrics.values())), metrics
+    weights = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert weights["head.weight"].dtype == torch.float32  # mixed: the weights stay float32
+
+
+def fake_trainer(world_size: int, device: str) -> SimpleNamespace:
+    return SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(root_device=torch.device(device)))
+
+
+def test_sync_batchnorm_converts_under_ddp_and_explains_the_cpu(tmp_path):
+    cfg = compose_train(tmp_path, ["model.pretrained=false", "model.sync_batchnorm=true", "data=synthetic"])
+    model = instantiate(cfg.model, num_classes=2)
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+    model._trainer = fake_trainer(1, "cuda")  # one device: nothing to synchronise
+    model.configure_model()
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    model._trainer = fake_trainer(2, "cpu")
+    with pytest.raises(ConfigError, match="model.sync_batchnorm=true needs GPUs"):
+        model.configure_model()
+    model._trainer = fake_trainer(2, "cuda")
+    model.configure_model()
+    model.configure_model()  # again for trainer.test: converted once
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) == batchnorms > 0
+
+
+def test_slurm_launcher_renders_a_multi_node_ddp_job(tmp_path, monkeypatch):
+    """`-m hydra/launcher=submitit_slurm trainer=ddp ...`: the sbatch script submitit writes, not submitted."""
+    overrides = [
+        "hydra/launcher=submitit_slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=600",
+    ]
+    cfg = compose_train(tmp_path, overrides)
+    assert (cfg.trainer.strategy.find_unused_parameters, cfg.trainer.num_nodes) == (True, 2)
+    launcher = instantiate(cfg.hydra.launcher)
+    launcher.setup(hydra_context=None, task_function=print, config=cfg)
+    # As on a login node (srun found), but `sbatch` is `false`: submitit writes the script, nothing is queued.
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    monkeypatch.setattr(submitit.SlurmExecutor, "_make_submission_command", lambda self, path: ["false"])
+    with pytest.raises(submitit.core.utils.FailedJobError):
+        launcher.launch([["optimizer.lr=0.01"], ["optimizer.lr=0.001"]], initial_job_idx=0)
+    (script,) = Path(cfg.hydra.sweep.dir).glob(".submitit/.submission_file_*.sh")
+    flags = dict(re.findall(r"#SBATCH --([\w-]+)=(\S+)", script.read_text()))
+    assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "4" and flags["gpus-per-node"] == "4"
+    assert flags["partition"] == "gpu" and flags["time"] == "600" and flags["array"] == "0-1%2"
+    assert flags["signal"] == "USR2@120"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "trainable"),
+    [
+        ("scratch", [5, 5]),
+        ("finetune", [5, 5]),
+        ("freeze", [0, 0]),
+        ("freeze_unfreeze", [0, 5]),
+        ("gradual", [0, 1]),
+        ("llrd", [5, 5]),
+    ],
+)
+def test_every_strategy_runs_under_cpu_ddp(tmp_path, image_folder, strategy, trainable):
+    """resnet18 (BatchNorm) on 2 gloo processes, across the unfreeze epoch."""
+    args = [
+        "train.py",
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        *TINY,
+        "trainer=ddp_cpu",
+        "data.batch_size=4",
+        "trainer.max_epochs=2",
+        "model.pretrained=false",
+        f"strategy={strategy}",
+        *(["strategy.unfreeze_at_epoch=1"] if strategy == "freeze_unfreeze" else []),
+        *(["strategy.callback.unfreeze_at=[1]"] if strategy == "gradual" else []),
+    ]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("trainable_stages")] == trainable
+    assert "unused parameters" not in result.output.lower()

@@ -1,0 +1,199 @@
+"""The feature cache (same results as without it, invalidated by any change it depends on) and tiny runs of
+every performance benchmark, so that none of them rots."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, compose_train, make_image_folder
+from finetune.caching import CachedFeatures, FeatureCache, backbone_key, split_key
+from finetune.data.datamodule import Transformed
+from finetune.data.images import ImageFolder
+from finetune.data.transforms import eval_transform
+from finetune.errors import ConfigError
+from finetune.models import torchvision_backbone
+from finetune.train import PROJECT_ROOT, build, train
+
+sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny runs on one intra-op thread: on a busy 2-core machine two OpenMP threads wait for each other at
+    every small op (a tiny fit took 50 s instead of 4 s here). Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the command-line runs
+    yield
+    torch.set_num_threads(threads)
+
+
+TINY_MODEL = ["model=timm", "model.name=mobilenetv3_small_050", "model.pretrained=false"]  # small checkpoints
+PROBE = [*TINY_MODEL, "strategy=freeze", "trainer.max_epochs=2"]
+
+
+def probe(tmp_path: Path, image_folder: Path, *overrides: str):
+    """A tiny linear probe, fitted and tested as train.py does it; returns (model, datamodule, metrics)."""
+    cfg = compose_train(tmp_path, ["data=imagefolder", f"data.root={image_folder}", *TINY, *PROBE, *overrides])
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model = build(cfg)
+    from _common import trainer_for  # the Trainer exactly as train.py builds it
+
+    trainer = trainer_for(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    return model, datamodule, metrics
+
+
+def test_cached_probe_trains_the_same_head_and_predicts_the_same(tmp_path, image_folder):
+    cache = f"paths.data_dir={tmp_path / 'data'}"
+    plain, plain_data, plain_metrics = probe(tmp_path / "plain", image_folder, "data.augment=false", cache)
+    cached, cached_data, cached_metrics = probe(
+        tmp_path / "cached", image_folder, "data.augment=false", "strategy.cache_features=true", cache
+    )
+    test = cached_data.datasets["test"]
+    assert isinstance(test, CachedFeatures) and test.features.shape == (1, 12, cached.backbone.num_features)
+    for name in ("weight", "bias"):  # same batches in the same order: the same training trajectory
+        torch.testing.assert_close(getattr(cached.head, name), getattr(plain.head, name), atol=1e-6, rtol=1e-5)
+    assert cached_metrics["test/acc"] == plain_metrics["test/acc"]
+    # Same head weights: predicting from the images (whole backbone) = predicting from the cached features.
+    images = torch.stack([image for image, _ in plain_data.datasets["test"]])
+    cached.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cached(images), cached.head(test.features[0]), atol=1e-5, rtol=1e-4)
+
+
+def test_second_run_reads_the_cache_and_a_changed_image_is_computed_again(tmp_path, caplog):
+    folder = make_image_folder(tmp_path / "images")
+    overrides = ["data.augment=false", "strategy.cache_features=true", f"paths.data_dir={tmp_path / 'data'}"]
+    features = tmp_path / "data" / "features"
+    with caplog.at_level(logging.INFO, logger="finetune.caching"):
+        probe(tmp_path / "first", folder, *overrides)
+        assert caplog.text.count("computed") == 3 and len(list(features.iterdir())) == 3  # train, val, test
+        caplog.clear()
+        probe(tmp_path / "second", folder, *overrides)
+        assert "computed" not in caplog.text and caplog.text.count("read from") == 3
+        caplog.clear()
+        Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(folder / "test" / "red" / "000.png")
+        probe(tmp_path / "third", folder, *overrides)
+    assert "Features of 12 images computed" in caplog.text and caplog.text.count("read from") == 2
+    assert len(list(features.iterdir())) == 4
+
+
+def test_key_changes_with_weights_transform_data_and_labels(tmp_path, image_folder):
+    backbone = torchvision_backbone("resnet18", pretrained=False)
+    backbone.frozen_stages = backbone.num_stages
+    folder = ImageFolder(image_folder / "test")
+    split = Transformed(folder, range(len(folder)), eval_transform(32, (0.5,) * 3, (0.2,) * 3))
+    weights = backbone_key(backbone)
+    key = split_key(weights, split)
+    assert split_key(backbone_key(backbone), split) == key  # deterministic
+
+    with torch.no_grad():
+        backbone.stages[0][0].weight[0, 0, 0, 0] += 1e-3
+    assert backbone_key(backbone) != weights
+    backbone.stages[0][1].running_mean[0] += 1.0  # BatchNorm statistics are weights too
+    assert len({weights, backbone_key(backbone)}) == 2
+
+    assert split_key(weights, Transformed(folder, split.indices, eval_transform(64, (0.5,) * 3, (0.2,) * 3))) != key
+    assert split_key(weights, Transformed(folder, split.indices, eval_transform(32, (0.4,) * 3, (0.2,) * 3))) != key
+    assert split_key(weights, Transformed(folder, split.indices[1:], split.transform)) != key
+    assert split_key(weights, split, extra="precision=bf16-mixed") != key
+
+    copy = tmp_path / "copy"
+    for path, _ in folder.samples:
+        target = copy / path.relative_to(image_folder / "test")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    moved = ImageFolder(copy)
+    assert split_key(weights, Transformed(moved, split.indices, split.transform)) == key  # content, not location
+    path = moved.samples[0][0]
+    Image.fromarray(np.full((40, 40, 3), 7, np.uint8)).save(path)  # same name, new pixels
+    assert split_key(weights, Transformed(ImageFolder(copy), split.indices, split.transform)) != key
+    moved.samples[1] = (moved.samples[1][0], 1 - moved.samples[1][1])  # a relabelled image
+    assert split_key(weights, Transformed(moved, split.indices, split.transform)) != key
+
+
+def test_augmented_views_hold_each_epochs_augmentation(tmp_path, image_folder):
+    overrides = ["strategy.cache_features=true", "strategy.cache_views=2", f"paths.data_dir={tmp_path / 'data'}"]
+    _, datamodule, _ = probe(tmp_path, image_folder, *overrides)
+    train_split, val, test = (datamodule.datasets[s] for s in ("train", "val", "test"))
+    assert train_split.features.shape[:2] == (2, 22) and val.features.shape[0] == test.features.shape[0] == 1
+    assert not torch.allclose(train_split.features[0], train_split.features[1])  # two different augmentations
+    assert datamodule.num_workers == 0  # tensors in memory: no worker processes
+
+
+def test_cache_refuses_a_backbone_that_trains(tmp_path, image_folder):
+    cache = FeatureCache(enabled=True, cache_dir=tmp_path)
+    backbone = torchvision_backbone("resnet18", pretrained=False)
+    with pytest.raises(ConfigError, match="strategy.cache_features=true needs a backbone frozen"):
+        cache.require_frozen(backbone)
+    with pytest.raises(ConfigError, match="cache_views=0 must be >= 1"):
+        FeatureCache(views=0)
+    cfg = compose_train(
+        tmp_path,
+        ["data=imagefolder", f"data.root={image_folder}", *TINY, *TINY_MODEL, "strategy=finetune"]
+        + ["+strategy.cache_features=true"],
+    )
+    with pytest.raises(ConfigError, match=r"but (\d+) of its \1 stages train"):
+        train(cfg)
+
+
+# Tiny runs of every benchmark (the real ones take minutes on real data, see BENCHMARKS.md).
+BENCH = ["--models", "tiny", "--sizes", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1"]
+
+
+def test_throughput_benchmark_runs(image_folder):
+    import throughput
+
+    (result,) = throughput.main(["--data", str(image_folder), *BENCH, "data.num_workers=0"])
+    assert result["lightning"] > 0 and result["plain"] > 0 and result["ratio"] > 0
+
+
+def test_speed_options_benchmark_runs(image_folder):
+    import speed_options
+
+    rows = speed_options.main(
+        ["--data", str(image_folder), *BENCH, "data.num_workers=0", "--variants", "defaults", "channels_last"]
+    )
+    assert [row[2] for row in rows] == ["defaults", "channels_last"] and rows[0][4] == 1.0
+
+
+def test_memory_benchmark_runs(image_folder):
+    import memory
+
+    args = ["--epochs", "3", "--train-batches", "2", "--val-batches", "1", "data.batch_size=4", "data.num_workers=0"]
+    result = memory.main(["--data", str(image_folder), "--model", *TINY_MODEL, *args])
+    assert result["peak_main_mb"] > 100 and abs(result["growth_mb_per_epoch"]) < 50
+
+
+def test_datapipe_benchmark_runs(tmp_path):
+    import datapipe
+
+    rng = np.random.default_rng(0)
+    for name, size in (("photos", 80), ("tiny", 32)):
+        for label in ("a", "b"):
+            folder = tmp_path / name / "train" / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(folder / f"{i}.jpg")
+    args = ["--seefood", str(tmp_path / "photos"), "--cifar", str(tmp_path / "tiny"), "--sizes", "48"]
+    rows = datapipe.main([*args, "--batch-size", "2", "--rounds", "1", "--workers", "0", "--models"])
+    assert [row[2] for row in rows[-5:]] == ["project", "PIL transforms", "decode_jpeg", "PIL draft", "batch resize"]
+    assert all(row[3] > 0 and row[4] > 0 for row in rows)
+
+
+def test_feature_cache_benchmark_times_a_cli_run(tmp_path, image_folder):
+    import feature_cache
+
+    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, *PROBE, "strategy.cache_features=true"]
+    result = feature_cache.run_train(args, tmp_path, "cached")
+    assert len(result["epochs_s"]) == 1 and result["extraction_s"] > 0 and 0 <= result["test_acc"] <= 1

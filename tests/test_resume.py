@@ -1,0 +1,190 @@
+"""Exact resume: a run killed mid-epoch (SIGKILL) and resumed ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import TINY, compose_train, make_image_folder
+from finetune.checkpoint import resolve_ckpt_path
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.sampling import SeededSampler
+from finetune.errors import MissingFileError
+from finetune.train import PROJECT_ROOT, train
+
+STEPS_PER_EPOCH = 6  # 2 classes x 24 images, batch 8
+RUN = [
+    "data=imagefolder",
+    *TINY,
+    "data.val_fraction=0",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "model=mobilenet_v2",
+    "model.pretrained=false",
+    "strategy=freeze_unfreeze",
+    "strategy.unfreeze_at_epoch=1",
+    "scheduler=cosine",  # every group's lr changes each epoch
+    "optimizer.momentum=0.9",  # optimizer state that must survive the kill
+    "callbacks.mid_epoch_checkpoint.train_time_interval=null",
+    "callbacks.mid_epoch_checkpoint.every_n_train_steps=2",
+]
+THROTTLE = '''
+import time
+from lightning.pytorch.callbacks import Callback
+
+class Throttle(Callback):
+    """Slows the last epoch down, so the test can kill the run in the middle of it."""
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            time.sleep(1.0)
+'''
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)  # trainer.deterministic=true in this process sets it globally
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), train=24, test=6)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def kill_mid_epoch(root: Path, run: list[str]) -> dict:
+    """Starts `python train.py ...` and SIGKILLs it once last.ckpt is from the middle of the last epoch."""
+    (root / "throttle.py").write_text(THROTTLE)
+    args = [*run, "+callbacks.throttle._target_=throttle.Throttle"]
+    # the threads of this process, which resumes the run: the same float summation order
+    env = {
+        **os.environ,
+        "FINETUNE_ROOT": str(root),
+        "PYTHONPATH": str(root),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    last_epoch, seen = 2 * STEPS_PER_EPOCH, None
+    try:
+        deadline = time.monotonic() + 240
+        while process.poll() is None and time.monotonic() < deadline:
+            found = list((root / "logs").glob("train/runs/*/checkpoints/last.ckpt"))
+            if found and found[0].stat().st_mtime_ns != seen:
+                seen = found[0].stat().st_mtime_ns
+                if 0 < load(found[0])["global_step"] - last_epoch < STEPS_PER_EPOCH:
+                    process.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+    return load(found[0])
+
+
+@pytest.mark.parametrize(
+    "workers",
+    [0, pytest.param(2, marks=pytest.mark.slow)],  # 2 persistent workers: their random state spans epochs
+)
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_path, images, workers):
+    run = [*RUN, f"data.root={images}", f"data.num_workers={workers}"]
+    killed = kill_mid_epoch(tmp_path, run)
+    assert killed["epoch"] == 2 and killed["global_step"] % STEPS_PER_EPOCH  # after the unfreeze, mid-epoch
+    assert killed["callbacks"]["StageUnfreezing"] == {"trainable_stages": 5}
+    (loader_state,) = killed["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == {"epoch": 2, "batches": killed["global_step"] - 2 * STEPS_PER_EPOCH}
+
+    resumed_cfg = compose_train(tmp_path, [*run, "ckpt_path=last"])
+    resumed = train(resumed_cfg)
+    with open_dict(resumed_cfg):
+        resumed_cfg.paths.output_dir = str(tmp_path / "uninterrupted")
+        resumed_cfg.ckpt_path = None
+    uninterrupted = train(resumed_cfg)
+
+    a = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    b = load(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
+    torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
+    (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]
+    torch.testing.assert_close(optimizer_a["state"], optimizer_b["state"], rtol=0, atol=0)  # momentum buffers
+    assert optimizer_a["param_groups"] == optimizer_b["param_groups"]  # every group's lr
+    assert [g["name"] for g in optimizer_a["param_groups"]] == ["backbone", "head"]
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert a["callbacks"]["StageUnfreezing"] == b["callbacks"]["StageUnfreezing"] == {"trainable_stages": 5}
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images):
+    def loader(workers: int):
+        data = ImageFolderDataModule(
+            images, batch_size=8, val_fraction=0, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=workers
+        )
+        data.setup()
+        return data.train_dataloader()
+
+    def epoch(loader, number: int) -> list[torch.Tensor]:
+        loader.sampler.set_epoch(number)
+        return [images for images, _ in loader]
+
+    main, workers = loader(0), loader(2)  # 2 persistent workers: their random state carries over epochs
+    for number in (0, 1):
+        torch.testing.assert_close(epoch(main, number), epoch(workers, number), rtol=0, atol=0)
+    assert not torch.equal(epoch(main, 0)[0], epoch(main, 1)[0])  # a new shuffle and new crops each epoch
+
+    resumed = loader(0)
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    torch.testing.assert_close(epoch(resumed, 1), epoch(main, 1)[2:], rtol=0, atol=0)
+    assert resumed.state_dict() == {"epoch": 1, "batches": STEPS_PER_EPOCH}
+    assert len(epoch(resumed, 2)) == STEPS_PER_EPOCH  # the skip applies to its own epoch only
+
+
+def test_two_ranks_together_see_what_one_process_sees():
+    dataset = list(range(40))
+    one = list(SeededSampler(dataset, seed=7))
+    ranks = [list(SeededSampler(dataset, num_replicas=2, rank=r, seed=7)) for r in (0, 1)]
+    for step in range(5):  # batch 8 on one process = batch 4 on each of 2 ranks, same samples, same seeds
+        together = ranks[0][4 * step : 4 * step + 4] + ranks[1][4 * step : 4 * step + 4]
+        assert sorted(together) == sorted(one[8 * step : 8 * step + 8])
+
+
+def test_ckpt_path_last_auto_and_run_folders(tmp_path):
+    task = tmp_path / "logs" / "train"
+    old, new = (task / "runs" / name / "checkpoints" / "last.ckpt" for name in ("old", "new"))
+    for path in (old, new):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+    os.utime(old, (1, 1))
+    current = task / "runs" / "current"
+
+    assert resolve_ckpt_path("last", current, task) == str(new)
+    assert resolve_ckpt_path("auto", current, task) is None  # a fresh run, not somebody else's checkpoint
+    assert resolve_ckpt_path(str(old.parents[1]), current, task) == str(old)
+    assert resolve_ckpt_path("s3://bucket/x.ckpt", current, task) == "s3://bucket/x.ckpt"
+    own = current / "checkpoints" / "last.ckpt"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"")
+    os.utime(own, (1, 1))
+    assert resolve_ckpt_path("last", current, task) == resolve_ckpt_path("auto", current, task) == str(own)
+    with pytest.raises(MissingFileError, match="no checkpoints/last.ckpt under"):
+        resolve_ckpt_path("last", tmp_path / "new_run", tmp_path / "logs" / "other")
+    with pytest.raises(MissingFileError, match="run folder has no checkpoints/last.ckpt"):
+        resolve_ckpt_path(str(tmp_path), current, task)

@@ -1,0 +1,92 @@
+"""Sweeps as README.md gives them (`train.py -m ...`, `hparams_search=lr_optuna`), tiny and offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import TINY, run_cli
+
+
+def test_every_job_of_a_sweep_has_its_run_folder_with_its_overrides(strategy_sweep):
+    folder, _ = strategy_sweep
+    jobs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    swept = [yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())[:2] for job in jobs]
+    assert swept == [
+        ["strategy=freeze", "seed=1"],
+        ["strategy=freeze", "seed=2"],
+        ["strategy=finetune", "seed=1"],
+        ["strategy=finetune", "seed=2"],
+    ]
+    for job in jobs:
+        status = json.loads((job / "status.json").read_text())
+        assert status["status"] == "completed" and status["wall_time_s"] > 0
+        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_each_run_logs_its_hyperparameters_with_its_final_metrics_for_the_hparams_tab(strategy_sweep):
+    folder, _ = strategy_sweep
+    for job, (strategy, seed) in zip(
+        "0123", [("freeze", 1), ("freeze", 2), ("finetune", 1), ("finetune", 2)], strict=True
+    ):
+        events = EventAccumulator(str(folder / job / "tensorboard"))
+        events.Reload()
+        content = events.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+        hparams = start.session_start_info.hparams
+        assert hparams["strategy/name"].string_value == strategy and hparams["seed"].number_value == seed
+        assert hparams["optimizer/lr"].number_value == 6.4e-3
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert {"hp/val/acc", "hp/test/acc"} <= {m.name.tag for m in experiment.metric_infos}
+        final = events.Scalars("hp/test/acc")[-1].value
+        assert final == events.Scalars("test/acc")[-1].value  # the metric beside the hparams is the run's result
+
+
+def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete(tmp_path, image_folder):
+    args = ["-m", "optimizer.lr=1e-2,1e6", "data=imagefolder", f"data.root={image_folder}", "model.pretrained=false"]
+    result = run_cli(["train.py", *args, *TINY], tmp_path)
+    assert result.returncode == 0, result.output
+    assert "job 1 failed, the sweep goes on" in result.output
+    (folder,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    status = [json.loads((folder / job / "status.json").read_text()) for job in "01"]
+    assert [s["status"] for s in status] == ["completed", "failed"]
+    assert status[1]["error"].startswith("FloatingPointError: The training loss is not finite")
+    assert not (folder / "1" / "checkpoints").exists(), "a diverged run must not leave a checkpoint"
+    assert (folder / "0" / "checkpoints" / "last.ckpt").is_file()
+
+    console_script = Path(sys.executable).parent / "finetune-report"  # as pip installs it
+    report = run_cli([str(console_script), str(folder)], tmp_path)
+    assert report.returncode == 0, report.output
+    rows = [line for line in report.output.splitlines() if line.startswith("| ") and "status" not in line]
+    assert [row.split(" | ")[1] for row in rows] == ["0.01", "1e+06"]
+    assert [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows] == ["completed", "failed"]
+    assert "- 1: FloatingPointError: The training loss is not finite" in (folder / "report.md").read_text()
+    assert (folder / "acc_vs_lr.png").stat().st_size > 10_000 and (folder / "curves.png").is_file()
+
+
+def test_optuna_searches_lr_and_head_lr_mult_for_the_best_val_acc(tmp_path, image_folder):
+    args = ["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", "data=imagefolder", f"data.root={image_folder}"]
+    result = run_cli(["train.py", *args, "model.pretrained=false", *TINY], tmp_path)
+    assert result.returncode == 0, result.output
+    (folder,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    trials = [yaml.safe_load((folder / job / ".hydra" / "overrides.yaml").read_text()) for job in "01"]
+    lrs = [float(o.split("=")[1]) for trial in trials for o in trial if o.startswith("optimizer.lr=")]
+    mults = [float(o.split("=")[1]) for trial in trials for o in trial if o.startswith("strategy.head_lr_mult=")]
+    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 1e-1 for lr in lrs)
+    assert len(mults) == 2 and all(1.0 <= m <= 100.0 for m in mults)
+    results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
+    assert results["best_value"] == pytest.approx(max(val_acc(folder / job) for job in "01"))
+    assert set(results["best_params"]) == {"optimizer.lr", "strategy.head_lr_mult"}
+
+
+def val_acc(run_dir) -> float:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events.Scalars("val/acc")[-1].value

@@ -1,0 +1,86 @@
+"""Config validation: every rule fires before any work starts and names the key; the CLI shows it cleanly."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY, compose_train, run_cli
+
+import finetune.train
+from finetune.errors import ConfigError
+from finetune.train import train
+from finetune.validation import config_problems
+
+BAD = {
+    "optimizer.lr=0": "optimizer.lr=0 must be > 0",
+    "optimizer.lr=-0.01": "optimizer.lr=-0.01 must be > 0",
+    "strategy.head_lr_mult=0": "strategy.head_lr_mult=0 must be > 0",
+    "strategy.backbone_lr_mult=-1": "strategy.backbone_lr_mult=-1 must be > 0",
+    "strategy.layer_decay=0": "strategy.layer_decay=0 must be > 0",
+    "model.head_lr_mult=-2": "model.head_lr_mult=-2 must be > 0",  # set on the model itself: named there
+    "data.batch_size=0": "data.batch_size=0 must be > 0",
+    "data.image_size=16": "data.image_size=16 is too small: the backbones shrink images 32x, so it must be >= 32",
+    "data.val_fraction=1.0": "data.val_fraction=1.0 must be in [0, 1) (0 = validate on the test split)",
+    "strategy=freeze_unfreeze trainer.max_epochs=2": (
+        "strategy.unfreeze_at_epoch=2 must be < trainer.max_epochs=2 (epochs count from 0): "
+        "stages unfrozen at epoch [2] would never train"
+    ),
+    "strategy=gradual trainer.max_epochs=3": (
+        "strategy.callback.unfreeze_at=[1, 2, 3, 4] must be < trainer.max_epochs=3 (epochs count from 0): "
+        "stages unfrozen at epoch [3, 4] would never train"
+    ),
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if train() gets as far as building the data or the model."""
+
+    def build(cfg):
+        raise AssertionError("work started before the config was validated")
+
+    monkeypatch.setattr(finetune.train, "build", build)
+
+
+@pytest.mark.parametrize("overrides", BAD)
+def test_each_rule_stops_the_run_before_any_work_naming_the_key(tmp_path, no_work, overrides):
+    cfg = compose_train(tmp_path, overrides.split())  # hotdog: a download if anything started
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    assert str(error.value) == f"Invalid config:\n  {BAD[overrides]}"
+    assert not (tmp_path / "data").exists()
+
+
+def test_all_problems_are_listed_at_once(tmp_path):
+    cfg = compose_train(tmp_path, ["optimizer.lr=-1", "strategy.head_lr_mult=0", "data.image_size=8"])
+    assert [problem.split("=")[0] for problem in config_problems(cfg)] == [
+        "optimizer.lr",
+        "strategy.head_lr_mult",
+        "data.image_size",
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"strategy={s}"] for s in ("scratch", "freeze", "finetune", "freeze_unfreeze", "gradual", "llrd")]
+    + [[f"experiment={e}"] for e in ("d2l_hotdog", "d2l_hotdog_scratch", "mobilenetv2_cifar10")]
+    + [["data=synthetic", "model=efficientnet_lite0"], ["data.image_size=32"]],
+)
+def test_the_shipped_configs_are_valid(tmp_path, overrides):
+    assert config_problems(compose_train(tmp_path, overrides)) == []
+
+
+def test_a_batch_larger_than_the_training_set_with_drop_last_stops_before_training(tmp_path, image_folder):
+    # 24 training images, 10% of them for validation: 22 left to train on
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model.pretrained=false"]
+    cfg = compose_train(tmp_path, [*overrides, "data.batch_size=64", "data.drop_last=true"])
+    with pytest.raises(ConfigError, match=r"data.batch_size=64 is larger than the 22 training images and data.drop_l"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_cli_prints_the_problem_without_a_traceback(tmp_path):
+    result = run_cli(["train.py", "data=synthetic", "model.pretrained=false", "optimizer.lr=-1"], tmp_path)
+    assert result.returncode == 1
+    assert "Error: Invalid config:\n  optimizer.lr=-1 must be > 0" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "data").exists()  # the synthetic images were not generated
