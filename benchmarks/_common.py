@@ -98,8 +98,24 @@ def machine() -> str:
     )
 
 
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads of this process (None: PyTorch's default, one per core).
+
+    On a machine whose cores other jobs keep busy, two OpenMP threads wait for each other at every
+    parallel op, which makes small ops up to 100x slower; one thread per process avoids that.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """A Markdown table (what BENCHMARKS.md shows)."""
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in rows]
+    cells = [[_cell(v) for v in row] for row in rows]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, compose_train, make_image_folder
 from PIL import Image
 
+from conftest import TINY, compose_train, make_image_folder
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.images import ImageFolder, ImageReadError, read_rgb
 from finetune.errors import ConfigError, DataError, MissingFileError

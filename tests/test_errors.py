@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import TINY, compose_train, make_image_folder
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 
 import finetune.data.hotdog
+from conftest import TINY, compose_train, make_image_folder
 from finetune.errors import ConfigError, DataError, DownloadError, MissingFileError
 from finetune.train import build
 

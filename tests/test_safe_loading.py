@@ -6,10 +6,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY, compose_train
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
+from conftest import TINY, compose_train
 from finetune.errors import ConfigError, DownloadError
 from finetune.eval import evaluate
 from finetune.models.backbones import torchvision_backbone

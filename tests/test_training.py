@@ -189,3 +189,11 @@ def test_fake_cifar10_in_torchvision_format(tmp_path, monkeypatch):
     datamodule.setup("fit")
     assert len(datamodule.datasets["train"]) == 90 and len(datamodule.datasets["test"]) == 20
     assert datamodule.num_classes == 10
+
+
+def test_csv_logger_records_the_final_metrics(tmp_path, image_folder):
+    _, metrics = fit(tmp_path, image_folder, "logger=csv", "model.pretrained=false")
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"test/acc", "val/acc", "train/loss_epoch", "lr-SGD/head"} <= set(header)
+    assert "optimizer" in (tmp_path / "run" / "csv" / "hparams.yaml").read_text()
+    assert metrics["test/acc"] >= 0.0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TINY, compose_train, run_cli
 
 import finetune.train
+from conftest import TINY, compose_train, run_cli
 from finetune.errors import ConfigError
 from finetune.train import train
 from finetune.validation import config_problems

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 STATUS_FILE = "status.json"
 
 
@@ -27,8 +29,9 @@ def recorded(run_dir: str | os.PathLike) -> Iterator[None]:
         raise
     finally:
         record["wall_time_s"] = round(time.perf_counter() - start, 2)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / STATUS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if rank_zero_only.rank == 0:  # DDP: one record per run
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(run_dir) / STATUS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, object]:

@@ -13,6 +13,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import resolve_ckpt_path
@@ -77,8 +78,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
     metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))}
     for logger in loggers:
-        logger.log_hyperparams(hparams(cfg), {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))})
+        if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs each run's settings with these metrics
+            logger.log_hyperparams(hparams(cfg), final)
+        else:  # e.g. CSVLogger: the final metrics are in its table already
+            logger.log_hyperparams(hparams(cfg))
     output_dir = cfg.paths.output_dir
     if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
         print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
