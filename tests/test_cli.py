@@ -25,7 +25,13 @@ def only_run(root: Path) -> Path:
 def trained_run(tmp_path_factory, image_folder) -> tuple[Path, str]:
     """`python train.py model=resnet18 strategy=freeze` on a generated folder, tiny settings."""
     root = tmp_path_factory.mktemp("cli")
-    args = ["model=resnet18", "strategy=freeze", "data=imagefolder", f"data.root={image_folder}", "model.pretrained=false"]
+    args = [
+        "model=resnet18",
+        "strategy=freeze",
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        "model.pretrained=false",
+    ]
     result = run_cli(["train.py", *args, *TINY, "trainer.max_epochs=2"], root)
     assert result.returncode == 0, result.output
     return only_run(root), result.output
@@ -84,7 +90,13 @@ def test_multirun_sweeps_lr(tmp_path, image_folder):
 def test_experiments_run(tmp_path, image_folder, experiment):
     cfg = compose_train(
         tmp_path,
-        [f"experiment={experiment}", f"data.root={image_folder}", "model.pretrained=false", *TINY, "trainer.max_epochs=2"]
+        [
+            f"experiment={experiment}",
+            f"data.root={image_folder}",
+            "model.pretrained=false",
+            *TINY,
+            "trainer.max_epochs=2",
+        ]
         + (["strategy.unfreeze_at_epoch=1"] if experiment == "mobilenetv2_cifar10" else []),
     )
     assert 0.0 <= train(cfg)["test/acc"] <= 1.0

@@ -40,7 +40,9 @@ def fit(tmp_path: Path, image_folder: Path, *overrides: str):
 def test_every_strategy_fits(tmp_path, image_folder, strategy):
     extra = ["strategy.unfreeze_at_epoch=1"] if strategy == "freeze_unfreeze" else []
     extra += ["strategy.callback.unfreeze_at=[1]"] if strategy == "gradual" else []
-    cfg, metrics = fit(tmp_path, image_folder, f"strategy={strategy}", "model.pretrained=false", "trainer.max_epochs=2", *extra)
+    cfg, metrics = fit(
+        tmp_path, image_folder, f"strategy={strategy}", "model.pretrained=false", "trainer.max_epochs=2", *extra
+    )
     assert 0.0 <= metrics["test/acc"] <= 1.0 and np.isfinite(metrics["train/loss_epoch"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
