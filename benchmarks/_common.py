@@ -62,17 +62,24 @@ def fit(cfg: DictConfig, *extra_callbacks: Callback) -> tuple[L.Trainer, Any, An
 
 
 class StepClock(Callback):
-    """The time at the end of every training step (after the optimizer step and logging)."""
+    """Wall time and this process's CPU time at the end of every training step (after the optimizer step
+    and logging). CPU time hardly depends on what other jobs do on the machine; wall time does."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.cpu: list[float] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.tick()
+
+    def tick(self) -> None:
         self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
 
 
 def images_per_s(times: list[float], warmup: int, batch_size: int) -> float:
-    """Rate over the steps after `warmup` (the first `warmup` steps start workers and warm up kernels)."""
+    """Rate over the steps after `warmup` (the first `warmup` steps start workers and warm up kernels);
+    with CPU times: images per CPU second of this process."""
     if len(times) <= warmup:
         raise ValueError(f"{len(times)} steps timed, need more than the {warmup} warm-up steps")
     return (len(times) - warmup) * batch_size / (times[-1] - times[warmup - 1])
@@ -109,6 +116,8 @@ def set_threads(threads: int | None) -> None:
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
     return str(value)

@@ -27,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def run_train(args: list[str], root: Path, name: str, threads: int | None = None) -> dict[str, object]:
-    """`python train.py <args>` in a fresh process: wall time, epoch times, test accuracy, extraction time."""
+    """`python train.py <args>` in a fresh process: wall time, epoch times, test accuracy, feature extraction time."""
     run_dir = root / name
     command = [sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}", f"paths.data_dir={root / 'data'}"]
     env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
@@ -41,12 +41,12 @@ def run_train(args: list[str], root: Path, name: str, threads: int | None = None
         raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     ends = [event.wall_time for event in events.Scalars("train/loss_epoch")]
-    extraction = sum(float(s) for s in re.findall(r"Features of \d+ images computed in ([\d.]+) s", output))
+    extractions = re.findall(r"Features of \d+ images computed in ([\d.]+) s", output)
     return {
         "run": name,
         "wall_s": wall,
         "epochs_s": [b - a for a, b in itertools.pairwise(ends)],  # epoch 1, 2, ...: each after the first
-        "extraction_s": extraction,
+        "extraction_s": sum(map(float, extractions)) if extractions else None,  # None: nothing computed
         "test_acc": float(re.search(r"Test accuracy: ([\d.]+)", output)[1]),
     }
 

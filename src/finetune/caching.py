@@ -160,6 +160,6 @@ class FeatureCache:
         torch.save(stored, partial)
         partial.replace(path)
         log.info(
-            "Features of %d images computed in %.1f s, stored in %s", len(dataset), time.perf_counter() - start, path
+            "Features of %d images computed in %.2f s, stored in %s", len(dataset), time.perf_counter() - start, path
         )
         return stored["features"], stored["labels"]

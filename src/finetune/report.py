@@ -122,9 +122,9 @@ def _value(text: str | None) -> str:
         return text
 
 
-def setting(run: Run, keys: Sequence[str]) -> str:
-    """The run's values of `keys` other than the seed: what its repeats have in common."""
-    return " ".join(f"{k}={_value(run.overrides.get(k))}" for k in keys if k not in GROUPED_OUT) or "all runs"
+def setting(run: Run, keys: Sequence[str], ignore: Sequence[str] = GROUPED_OUT) -> str:
+    """The run's values of `keys` but the ignored ones (the seed): what its repeats have in common."""
+    return " ".join(f"{k}={_value(run.overrides.get(k))}" for k in keys if k not in ignore) or "all runs"
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -168,12 +168,12 @@ def _mean_std(values: Sequence[float]) -> str:
     return _fmt(mean) if count < 2 else f"{mean:.3f} ± {std:.3f}"
 
 
-def groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Runs by setting (every varying override but the seed), in order of first appearance."""
+def groups(runs: Sequence[Run], ignore: Sequence[str] = GROUPED_OUT) -> dict[str, list[Run]]:
+    """Runs by setting (every varying override but the ignored ones), in order of first appearance."""
     keys = varying_keys(runs)
     grouped: dict[str, list[Run]] = {}
     for run in runs:
-        grouped.setdefault(setting(run, keys), []).append(run)
+        grouped.setdefault(setting(run, keys, ignore), []).append(run)
     return grouped
 
 
@@ -197,36 +197,42 @@ def summary_table(runs: Sequence[Run]) -> str:
 
 def plot_curves(runs: Sequence[Run]) -> Figure:
     """Validation accuracy and loss per epoch, one line per run, one colour per setting."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig = Figure(figsize=(11, 5), layout="constrained")
     axes = fig.subplots(1, 2)
     for index, (label, members) in enumerate(groups(runs).items()):
         for n, run in enumerate(members):
             for ax, tag in zip(axes, ("val/acc", "val/loss"), strict=True):
                 values = run.curves.get(tag, [])
-                ax.plot(range(len(values)), values, marker="o", color=f"C{index % 10}", label=None if n else label)
+                first = n == 0 and ax is axes[0]  # one legend entry per setting
+                ax.plot(range(len(values)), values, marker="o", color=f"C{index % 10}", label=label if first else None)
     for ax, title in zip(axes, ("validation accuracy", "validation loss"), strict=True):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small")
+    axes[1].set_yscale("log")  # a diverging run would flatten every other curve
+    fig.legend(loc="outside lower center", ncols=min(3, len(groups(runs))), fontsize="small")
     return fig
 
 
 def plot_lr(runs: Sequence[Run]) -> Figure | None:
-    """Accuracy against lr (log x) per setting; failed runs as red crosses at 0. None if lr did not vary."""
+    """Accuracy against lr (log x) per setting, a line through the seeds' mean; failed runs as red crosses at 0.
+
+    None if the lr did not vary.
+    """
     if len({r.lr for r in runs if r.lr is not None}) < 2:
         return None
-    keys = [k for k in varying_keys(runs) if k != "optimizer.lr"]
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    series: dict[str, list[Run]] = {}
-    for run in runs:
-        series.setdefault(setting(run, keys), []).append(run)
+    series = groups(runs, ignore=(*GROUPED_OUT, "optimizer.lr"))
     for index, (label, members) in enumerate(series.items()):
-        done = sorted((r for r in members if r.status == "completed"), key=lambda r: r.lr)
-        name = "" if len(series) == 1 else f" ({label})"
-        ax.plot([r.lr for r in done], [r.best_val_acc for r in done], "o-", color=f"C{index}", label="best val" + name)
-        ax.plot([r.lr for r in done], [r.test_acc for r in done], "s--", color=f"C{index}", label="test" + name)
+        done = [r for r in members if r.status == "completed"]
+        lrs = sorted({r.lr for r in done})
+        for metric, style, name in (("best_val_acc", "o-", "best val"), ("test_acc", "s--", "test")):
+            values = [getattr(r, metric) for r in done]
+            means = [statistics.mean(v for r, v in zip(done, values, strict=True) if r.lr == lr) for lr in lrs]
+            ax.scatter([r.lr for r in done], values, marker=style[0], color=f"C{index}", alpha=0.4)
+            text = (name if len(series) == 1 else f"{name} ({label})") + (" (mean)" if len(done) > len(lrs) else "")
+            ax.plot(lrs, means, style, color=f"C{index}", label=text)
     failed = [r.lr for r in runs if r.status == "failed" and r.lr is not None]
     if failed:
         ax.plot(failed, [0.0] * len(failed), "x", color="red", markersize=10, label="failed")
@@ -253,7 +259,7 @@ def plot_strategies(runs: Sequence[Run]) -> Figure | None:
         means, stds = zip(*(s[column] for s in stats), strict=True)
         bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
         ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
-    ax.set_xticks(range(len(labels)), labels, fontsize="small")
+    ax.set_xticks(range(len(labels)), labels, fontsize="small", rotation=20, ha="right")
     ax.set(ylabel="accuracy", ylim=(0, 1.05), title="strategies (mean ± std over seeds)")
     ax.legend(fontsize="small", loc="lower right")
     return fig
