@@ -4,8 +4,9 @@
     python benchmarks/speed_options.py --models resnet18 --sizes 224 --compile
     python benchmarks/speed_options.py strategy=freeze            # a linear probe (forward-only backbone)
 
-Options: `trainer.precision=bf16-mixed`, `model.channels_last=true`, both, `model.compile=true` (with
-`--compile`: its first steps include the compilation, reported apart), and the DataLoader's
+Options against the defaults: `model.channels_last=false`, `trainer.precision=bf16-mixed` (with and
+without channels-last), `model.compile=true` (with `--compile`: its first steps include the
+compilation, reported apart), and the DataLoader's
 `data.num_workers` and `data.persistent_workers` (`pin_memory` only matters with a GPU). Each
 variant is the fit as train.py builds it (progress bar off) over `--steps` timed steps after
 `--warmup`, in rounds that take the variants in turn, so other jobs' load falls on all of them; the
@@ -27,10 +28,10 @@ from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machi
 from throughput import DEFAULT_MODELS, MODELS
 
 VARIANTS = {
-    "defaults": [],
+    "defaults": [],  # fp32, channels-last, 2 persistent workers
+    "channels_last=false": ["model.channels_last=false"],
     "bf16-mixed": ["trainer.precision=bf16-mixed"],
-    "channels_last": ["model.channels_last=true"],
-    "bf16-mixed + channels_last": ["trainer.precision=bf16-mixed", "model.channels_last=true"],
+    "bf16-mixed, channels_last=false": ["trainer.precision=bf16-mixed", "model.channels_last=false"],
     "num_workers=0": ["data.num_workers=0"],
     "num_workers=1": ["data.num_workers=1"],
     "persistent_workers=false": ["data.persistent_workers=false"],

@@ -1,12 +1,12 @@
 """Strategy comparison on real data: EfficientNet-Lite0 (ImageNet weights), every strategy, several seeds.
 
     python benchmarks/strategies.py                                  # hotdog64, 128 px, seeds 1,2,3, 5 epochs
-    python benchmarks/strategies.py --data cifar10 --train-per-class 100 --test-per-class 50
+    python benchmarks/strategies.py --data cifar10 --lr 1e-3 optimizer=adam     # 100 + 50 images per class
 
 Runs the sweeps as a user types them (`train.py -m ...`, one multirun folder each, under one output
 folder), then `python -m finetune.report` on that folder, which prints the table and writes
-report.md and the plots there. Per seed, two sweeps: every strategy at the shared lr (the d2l
-fine-tune recipe: SGD 6.4e-3, batch 128, head 10x), and `scratch` again at 10x that lr for every
+report.md and the plots there. Per seed, two sweeps: every strategy at the shared lr (by default the
+d2l fine-tune recipe: SGD 6.4e-3, batch 128, head 10x), and `scratch` again at 10x that lr for every
 weight, as d2l trains its scratch model, so scratch is not judged at an lr chosen for pretrained
 weights. Seed by seed, with a report after each, so a run cut short still compares every strategy.
 The shared datasets are never copied into the project; CIFAR-10's subset is extracted to /tmp.
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 STRATEGIES = "scratch,freeze,finetune,freeze_unfreeze,gradual,llrd"
-SHARED_LR = 6.4e-3
+D2L_LR = 6.4e-3  # d2l's 5e-5 on a summed loss, batch 128
 
 
 def cifar10_subset(archive: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
@@ -53,26 +53,30 @@ def sweep(sweep_dir: Path, overrides: list[str]) -> None:
     print(f"  done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=("hotdog64", "cifar10"), default="hotdog64")
+    parser.add_argument("--data", default="hotdog64", help="hotdog64, cifar10 or an image folder's path")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
     parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
+    parser.add_argument("--lr", type=float, default=D2L_LR, help="the shared lr (scratch also gets 10x)")
     parser.add_argument("--out", type=Path, help="default: logs/benchmarks/strategies-<data>/<time>")
-    args = parser.parse_args()
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. optimizer=adam")
+    args = parser.parse_args(argv)
 
     if args.data == "cifar10":
         subset = f"cifar10-{args.train_per_class}-{args.test_per_class}"
         root = cifar10_subset(
             DATASETS / "cifar10-jpg.tar.gz", Path("/tmp") / subset, args.train_per_class, args.test_per_class
         )
-    else:
+    elif args.data == "hotdog64":
         root = DATASETS / "hotdog64"
-    out = args.out or ROOT / "logs" / "benchmarks" / f"strategies-{args.data}" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    else:
+        root = Path(args.data).resolve()
+    out = args.out or ROOT / "logs" / "benchmarks" / f"strategies-{root.name}" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     common = [
         "model=efficientnet_lite0",
         "data=imagefolder",
@@ -83,13 +87,15 @@ def main() -> None:
         f"trainer.max_epochs={args.epochs}",
         "~callbacks.progress_bar",
         "~callbacks.model_summary",
+        *args.overrides,
     ]
     for seed in args.seeds.split(","):
-        lr = f"optimizer.lr={SHARED_LR:g}"
+        lr = f"optimizer.lr={args.lr:g}"
         sweep(out / f"seed{seed}" / "strategies", [f"seed={seed}", f"strategy={STRATEGIES}", lr, *common])
-        lr = f"optimizer.lr={SHARED_LR * 10:g}"
+        lr = f"optimizer.lr={args.lr * 10:g}"
         sweep(out / f"seed{seed}" / "scratch_lr10x", [f"seed={seed}", "strategy=scratch", lr, *common])
         subprocess.run([sys.executable, "-m", "finetune.report", str(out)], cwd=ROOT, check=True)
+    return out
 
 
 if __name__ == "__main__":

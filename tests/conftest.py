@@ -16,6 +16,8 @@ from PIL import Image
 
 from finetune.train import CONFIG_DIR, PROJECT_ROOT
 
+sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))  # the benchmarks' tiny runs are tests too
+
 # Small, fast, offline: generated data, no downloads, no workers, tiny images.
 TINY = [
     "data.image_size=32",

@@ -90,3 +90,18 @@ def val_acc(run_dir) -> float:
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     return events.Scalars("val/acc")[-1].value
+
+
+def test_strategy_benchmark_runs_every_strategy_and_reports(tmp_path, image_folder):
+    import strategies
+
+    tiny = ["--seeds", "1", "--epochs", "1", "--image-size", "32", "--num-workers", "0", "data.batch_size=8"]
+    out = strategies.main(["--data", str(image_folder), "--out", str(tmp_path), *tiny, "model.pretrained=false"])
+    statuses = {
+        p.parent.relative_to(out).as_posix(): json.loads(p.read_text())["status"] for p in out.rglob("status.json")
+    }
+    assert statuses == {f"seed1/strategies/{i}": "completed" for i in range(6)} | {"seed1/scratch_lr10x/0": "completed"}
+    report = (out / "report.md").read_text()
+    for strategy in strategies.STRATEGIES.split(","):
+        assert f"| {strategy} |" in report
+    assert "| 0.064 |" in report  # scratch again at 10x the shared lr

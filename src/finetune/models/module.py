@@ -42,7 +42,7 @@ class FineTuneModule(L.LightningModule):
         layer_decay: float = 1.0,
         group_by_stage: bool = False,
         sync_batchnorm: bool = False,
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
         feature_cache: FeatureCache | None = None,
     ):
