@@ -18,7 +18,8 @@ from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError
-from finetune.models import torchvision_backbone
+from finetune.models import timm_backbone, torchvision_backbone
+from finetune.models.fusion import fold_batchnorm
 from finetune.train import build, train
 
 
@@ -194,3 +195,43 @@ def test_feature_cache_benchmark_times_a_cli_run(tmp_path, image_folder):
     args = ["data=imagefolder", f"data.root={image_folder}", *TINY, *PROBE, "strategy.cache_features=true"]
     result = feature_cache.run_train(args, tmp_path, "cached")
     assert len(result["epochs_s"]) == 1 and result["extraction_s"] is not None and 0 <= result["test_acc"] <= 1
+
+
+def _randomize_batchnorm(module: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        for tensor, low in ((bn.running_mean, -1), (bn.running_var, 0.5), (bn.weight, 0.5), (bn.bias, -1)):
+            tensor.data = low + torch.rand(tensor.shape, generator=generator) * 1.5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0"])
+def test_folded_batchnorm_computes_the_same_features(name):
+    backbone = (
+        torchvision_backbone(name, pretrained=False)
+        if name == "resnet18"
+        else timm_backbone(name, pretrained=False)  # its stride-2 convolutions are timm's Conv2dSame
+    )
+    _randomize_batchnorm(backbone)
+    backbone.frozen_stages = backbone.num_stages
+    images = torch.randn(3, 3, 64, 64)
+    folded = fold_batchnorm(backbone, images[:1])
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded.forward_frozen(images), backbone.forward_frozen(images), atol=1e-3, rtol=1e-3)
+    assert all(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules() if "bn" in type(m).__name__.lower())
+
+
+def test_a_convolution_whose_output_is_also_used_elsewhere_is_not_folded():
+    class Shortcut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # folding would change the second use of y
+
+    module = Shortcut()
+    _randomize_batchnorm(module)
+    folded = fold_batchnorm(module, torch.randn(2, 3, 8, 8))
+    assert isinstance(folded.bn, torch.nn.BatchNorm2d)

@@ -95,7 +95,8 @@ def val_acc(run_dir) -> float:
 def test_strategy_benchmark_runs_every_strategy_and_reports(tmp_path, image_folder):
     import strategies
 
-    tiny = ["--seeds", "1", "--epochs", "1", "--image-size", "32", "--num-workers", "0", "data.batch_size=8"]
+    # 5 epochs: gradual unfreezes at epochs 1 to 4
+    tiny = ["--seeds", "1", "--epochs", "5", "--image-size", "32", "--num-workers", "0", "data.batch_size=8"]
     out = strategies.main(["--data", str(image_folder), "--out", str(tmp_path), *tiny, "model.pretrained=false"])
     statuses = {
         p.parent.relative_to(out).as_posix(): json.loads(p.read_text())["status"] for p in out.rglob("status.json")

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.sampling import Seeded, augmentation_seeds
 from finetune.errors import ConfigError
+from finetune.models.fusion import fold_batchnorm
 
 if TYPE_CHECKING:  # finetune.data imports the backbones, whose package imports this module
     from finetune.data.datamodule import Transformed
@@ -149,10 +150,12 @@ class FeatureCache:
             num_workers=datamodule.num_workers,
             pin_memory=datamodule.pin_memory,
         )
+        example = Seeded(dataset)[sampler[0]][0].unsqueeze(0).to(module.device)
+        backbone = fold_batchnorm(module.backbone, example)  # the same function, 1.3-1.5x faster (BENCHMARKS.md)
         features, labels = [], []
-        with trainer.precision_plugin.forward_context():  # autocast as in training (bf16-mixed)
+        with trainer.precision_plugin.forward_context(), torch.inference_mode():  # autocast as in training
             for images, targets in loader:
-                features.append(module.backbone.forward_frozen(images.to(module.device)).float().cpu())
+                features.append(backbone.forward_frozen(images.to(module.device)).float().cpu())
                 labels.append(targets)
         stored = {"features": torch.cat(features), "labels": torch.cat(labels)}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
