@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -42,6 +43,25 @@ def config(overrides: list[str], output_dir: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir / "run")
     return cfg
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
+    """The options of a benchmark that trains one model on one image folder."""
+    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
+    parser.add_argument("--model", nargs="+", default=["model=efficientnet_lite0"], help="model overrides")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=epochs)
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides those options stand for."""
+    return [
+        "data=imagefolder",
+        f"data.root={args.data}",
+        f"data.image_size={args.image_size}",
+        *args.model,
+        f"trainer.max_epochs={args.epochs}",
+    ]
 
 
 def trainer_for(cfg: DictConfig, *extra_callbacks: Callback) -> L.Trainer:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DATASETS, ROOT, machine, median, table
+from _common import ROOT, add_run_arguments, machine, median, run_overrides, table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -53,22 +53,15 @@ def run_train(args: list[str], root: Path, name: str, threads: int | None = None
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
-    parser.add_argument("--model", nargs="+", default=["model=efficientnet_lite0"], help="model overrides")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=10)
+    add_run_arguments(parser, epochs=10)
     parser.add_argument("--augment-views", type=int, default=0, help="also compare with augmentation on, N views")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: PyTorch's, the cores)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. data.batch_size=64")
     args = parser.parse_args(argv)
 
     common = [
-        "data=imagefolder",
-        f"data.root={args.data}",
-        f"data.image_size={args.image_size}",
-        *args.model,
+        *run_overrides(args),
         "strategy=freeze",
-        f"trainer.max_epochs={args.epochs}",
         "~callbacks.progress_bar",
         *args.overrides,
     ]

@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import psutil
-from _common import DATASETS, QUIET, config, fit, machine, table
+from _common import QUIET, add_run_arguments, config, fit, machine, run_overrides, table
 from lightning.pytorch.callbacks import Callback
 
 MB = 2**20
@@ -65,22 +65,15 @@ class MemoryMonitor(Callback):
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
-    parser.add_argument("--model", nargs="+", default=["model=efficientnet_lite0"], help="model overrides")
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=6)
+    add_run_arguments(parser, epochs=6)
     parser.add_argument("--train-batches", type=int, default=15, help="per epoch")
     parser.add_argument("--val-batches", type=int, default=5, help="per epoch")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. strategy=freeze")
     args = parser.parse_args(argv)
 
     overrides = [
-        "data=imagefolder",
-        f"data.root={args.data}",
-        f"data.image_size={args.image_size}",
-        *args.model,
+        *run_overrides(args),
         *QUIET,
-        f"trainer.max_epochs={args.epochs}",
         f"++trainer.limit_train_batches={args.train_batches}",
         f"++trainer.limit_val_batches={args.val_batches}",
         *args.overrides,

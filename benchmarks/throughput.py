@@ -107,7 +107,7 @@ def plain_loop(cfg: DictConfig, steps: int) -> StepClock:
             loss = F.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss) * len(labels)
+        loss_sum += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         clock.tick()
     return clock

@@ -151,7 +151,7 @@ class FeatureCache:
             pin_memory=datamodule.pin_memory,
         )
         example = Seeded(dataset)[sampler[0]][0].unsqueeze(0).to(module.device)
-        backbone = fold_batchnorm(module.backbone, example)  # the same function, 1.3-1.5x faster (BENCHMARKS.md)
+        backbone = fold_batchnorm(module.backbone, example)  # the same function with fewer passes (BENCHMARKS.md)
         features, labels = [], []
         with trainer.precision_plugin.forward_context(), torch.inference_mode():  # autocast as in training
             for images, targets in loader:
