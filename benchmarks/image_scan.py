@@ -82,18 +82,19 @@ def bad_files(folder: Path) -> dict[str, Path]:
     return {case: folder / name for case, (name, _) in cases.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> tuple[list[list[object]], list[list[str]]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=DATASETS, help="the folder that holds the datasets")
     parser.add_argument("--datasets", nargs="+", default=["hotdog64", "seefood512"])
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"Machine: {machine()}\n")
 
     rows = []
     for name in args.datasets:
-        paths = sorted(p for p in (DATASETS / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = sorted(p for p in (args.root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not paths:
-            print(f"{DATASETS / name}: absent, skipped")
+            print(f"{args.root / name}: absent, skipped")
             continue
         decode_all(paths)  # warm the page cache: every variant reads from memory
         times: dict[str, list[float]] = {"scan": [], "header": [], "epoch": []}
@@ -116,6 +117,7 @@ def main() -> None:
         ]
     print("\nWhich bad files each check catches (a decode at training time fails on all of them):\n")
     print(table(["bad file", "scan (decode)", "header check"], caught))
+    return rows, caught
 
 
 if __name__ == "__main__":

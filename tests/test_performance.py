@@ -235,3 +235,13 @@ def test_a_convolution_whose_output_is_also_used_elsewhere_is_not_folded():
     _randomize_batchnorm(module)
     folded = fold_batchnorm(module, torch.randn(2, 3, 8, 8))
     assert isinstance(folded.bn, torch.nn.BatchNorm2d)
+
+
+def test_image_scan_benchmark_runs_and_the_scan_catches_every_bad_file(image_folder):
+    import image_scan
+
+    rows, caught = image_scan.main(
+        ["--root", str(image_folder.parent), "--datasets", image_folder.name, "--rounds", "1"]
+    )
+    assert rows[0][1] == 36 and all(value > 0 for value in rows[0][2:])
+    assert [scan for _, scan, _ in caught] == ["yes"] * len(caught)
