@@ -125,16 +125,6 @@ def machine() -> str:
     )
 
 
-def set_threads(threads: int | None) -> None:
-    """Intra-op threads of this process (None: PyTorch's default, one per core).
-
-    On a machine whose cores other jobs keep busy, two OpenMP threads wait for each other at every
-    parallel op, which makes small ops up to 100x slower; one thread per process avoids that.
-    """
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def _cell(value: object) -> str:
     if value is None:
         return "-"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import DATASETS, machine, median, set_threads, table
+from _common import DATASETS, machine, median, table
 from PIL import Image
 from strategies import cifar10_subset
 from torch.utils.data import DataLoader, Dataset
@@ -155,10 +155,8 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="the default: min(8, cores)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="intra-op threads of the main process (default: one per core)")
     parser.add_argument("--models", nargs="*", default=["resnet18", "tf_efficientnet_lite0"])
     args = parser.parse_args(argv)
-    set_threads(args.threads)
 
     print(f"# Data pipeline, batches of {args.batch_size}: {machine()}\n", flush=True)
     sources = [("seefood512", args.seefood / "train", None)]

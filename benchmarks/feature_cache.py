@@ -26,13 +26,11 @@ from _common import ROOT, add_run_arguments, machine, median, run_overrides, tab
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def run_train(args: list[str], root: Path, name: str, threads: int | None = None) -> dict[str, object]:
+def run_train(args: list[str], root: Path, name: str) -> dict[str, object]:
     """`python train.py <args>` in a fresh process: wall time, epoch times, test accuracy, feature extraction time."""
     run_dir = root / name
     command = [sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}", f"paths.data_dir={root / 'data'}"]
     env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -55,7 +53,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, epochs=10)
     parser.add_argument("--augment-views", type=int, default=0, help="also compare with augmentation on, N views")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs (default: PyTorch's, the cores)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. data.batch_size=64")
     args = parser.parse_args(argv)
 
@@ -76,12 +73,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             ("augmented, uncached", ["data.augment=true"]),
             (f"augmented, {views} views cached", ["strategy.cache_features=true", f"strategy.cache_views={views}"]),
         ]
-    threads = f"OMP_NUM_THREADS={args.threads} " if args.threads else ""
-    print(f"# Feature cache, {threads}python train.py {' '.join(common)}: {machine()}\n", flush=True)
+    print(f"# Feature cache, python train.py {' '.join(common)}: {machine()}\n", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, extra) in enumerate(plan):
-            results.append(run_train([*common, *extra], Path(tmp), f"{index}", args.threads))
+            results.append(run_train([*common, *extra], Path(tmp), f"{index}"))
             results[-1]["run"] = name
             print({k: v if k != "epochs_s" else [round(e, 2) for e in v] for k, v in results[-1].items()}, flush=True)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, set_threads, table
+from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, table
 from throughput import DEFAULT_MODELS, MODELS
 
 VARIANTS = {
@@ -72,12 +72,10 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's, one per core)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also model.compile=true (slow to compile)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every variant, e.g. strategy=freeze")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.compile:
         variants["compile"] = ["model.compile=true"]

@@ -22,8 +22,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
+from _common import DATASETS, ROOT
+
 STRATEGIES = "scratch,freeze,finetune,freeze_unfreeze,gradual,llrd"
 D2L_LR = 6.4e-3  # d2l's 5e-5 on a summed loss, batch 128
 

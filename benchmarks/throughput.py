@@ -24,7 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, set_threads, table
+from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, table
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -139,12 +139,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's, one per core)")
     parser.add_argument(
         "overrides", nargs="*", help="extra config overrides for both sides, e.g. model.channels_last=true"
     )
     args = parser.parse_args(argv)
-    set_threads(args.threads)
 
     print(f"# Throughput, train.py fit vs plain loop: {machine()}\n")
     results = []

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, compose_train, make_image_folder
-from finetune.caching import CachedFeatures, FeatureCache, backbone_key, split_key
+from finetune.caching import CachedFeatures, FeatureCache, FoldedBackbone, backbone_key, split_key
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder
 from finetune.data.transforms import eval_transform
@@ -219,6 +219,20 @@ def test_folded_batchnorm_computes_the_same_features(name):
     with torch.no_grad():
         torch.testing.assert_close(folded.forward_frozen(images), backbone.forward_frozen(images), atol=1e-3, rtol=1e-3)
     assert all(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules() if "bn" in type(m).__name__.lower())
+
+
+def test_the_cache_folds_once_in_full_precision_even_under_autocast():
+    backbone = torchvision_backbone("resnet18", pretrained=False)
+    _randomize_batchnorm(backbone)
+    backbone.frozen_stages = backbone.num_stages
+    extract, images = FoldedBackbone(backbone), torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", torch.bfloat16), torch.inference_mode():  # as the cache extracts under bf16-mixed
+        extract(images)
+        folded = extract.folded
+        extract(images)
+    assert extract.folded is folded and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(extract(images), backbone.forward_frozen(images), atol=1e-4, rtol=1e-4)
 
 
 def test_a_convolution_whose_output_is_also_used_elsewhere_is_not_folded():

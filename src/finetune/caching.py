@@ -81,6 +81,20 @@ def split_key(backbone: str, split: Transformed, extra: str = "") -> str:
     return digest.hexdigest()
 
 
+class FoldedBackbone:
+    """`backbone.forward_frozen` with every BatchNorm folded into its convolution (the same function with
+    fewer passes over the activations, see `finetune.models.fusion`), folded once, on the first batch."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone, self.folded = backbone, None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.folded is None:  # checked in full precision, outside the caller's autocast or inference mode
+            with torch.inference_mode(False), torch.autocast(images.device.type, enabled=False):
+                self.folded = fold_batchnorm(self.backbone, images[:1].clone())
+        return self.folded.forward_frozen(images)
+
+
 class FeatureCache:
     """Turns every split of the datamodule into the frozen backbone's output on it (see the module docstring).
 
@@ -110,12 +124,13 @@ class FeatureCache:
         if not isinstance(getattr(datamodule, "datasets", None), dict):
             raise ConfigError("strategy.cache_features=true needs the data from a finetune DataModule (config `data`)")
         weights = backbone_key(module.backbone)
+        backbone = FoldedBackbone(module.backbone)
         for split, dataset in datamodule.datasets.items():
             if isinstance(dataset, CachedFeatures):  # a second fit on the same datamodule
                 continue
             augmented = split == "train" and datamodule.augment
             views = [
-                self._view(trainer, module, dataset, weights, (datamodule.seed, epoch) if augmented else None)
+                self._view(trainer, backbone, dataset, weights, (datamodule.seed, epoch) if augmented else None)
                 for epoch in range(self.views if augmented else 1)
             ]
             features = torch.stack([features for features, _ in views])
@@ -126,7 +141,7 @@ class FeatureCache:
     def _view(
         self,
         trainer: L.Trainer,
-        module: L.LightningModule,
+        backbone: FoldedBackbone,
         dataset: Transformed,
         weights: str,
         seed: tuple[int, int] | None,
@@ -150,12 +165,10 @@ class FeatureCache:
             num_workers=datamodule.num_workers,
             pin_memory=datamodule.pin_memory,
         )
-        example = Seeded(dataset)[sampler[0]][0].unsqueeze(0).to(module.device)
-        backbone = fold_batchnorm(module.backbone, example)  # the same function with fewer passes (BENCHMARKS.md)
         features, labels = [], []
         with trainer.precision_plugin.forward_context(), torch.inference_mode():  # autocast as in training
             for images, targets in loader:
-                features.append(backbone.forward_frozen(images.to(module.device)).float().cpu())
+                features.append(backbone(images.to(trainer.strategy.root_device)).float().cpu())
                 labels.append(targets)
         stored = {"features": torch.cat(features), "labels": torch.cat(labels)}
         self.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, atol: float = 1e-4)
 
     Which BatchNorm reads which convolution's output is found by running `example` through the copy. The
     folded copy must give the same output on `example` (within `atol` of its largest value); otherwise
-    (a convolution's output also used elsewhere, say) the unfolded copy is returned.
+    (a convolution's output also used elsewhere, say) an unfolded eval-mode copy is returned.
     """
     model = copy.deepcopy(module).eval()
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id of a conv output -> (conv name, output kept alive)
@@ -64,18 +64,15 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, atol: float = 1e-4)
     ]
     with torch.no_grad():
         reference = model(example)
-    for hook in hooks:
-        hook.remove()
-    outputs.clear()
-
-    folded = copy.deepcopy(model)
-    with torch.no_grad():
+        for hook in hooks:
+            hook.remove()
+        outputs.clear()
         for conv_name, bn_name in pairs:
-            bn = folded.get_submodule(bn_name)
-            _fold_into(folded.get_submodule(conv_name), bn)
+            bn = model.get_submodule(bn_name)
+            _fold_into(model.get_submodule(conv_name), bn)
             parent, _, attribute = bn_name.rpartition(".")
-            setattr(folded.get_submodule(parent), attribute, _replacement(bn))
-        output = folded(example)
+            setattr(model.get_submodule(parent), attribute, _replacement(bn))
+        output = model(example)
     if not torch.allclose(output, reference, rtol=0, atol=atol * float(reference.abs().max().clamp(min=1))):
-        return model
-    return folded
+        return copy.deepcopy(module).eval()
+    return model
