@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -13,19 +15,21 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import UserError
 from finetune.models.module import FineTuneModule
+from finetune.run_dirs import unique_dir
 from finetune.run_status import recorded
 from finetune.validation import validate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
 os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
+OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)  # conf/hydra/default.yaml
 
 log = logging.getLogger(__name__)
 # Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
@@ -60,6 +64,25 @@ def hparams(cfg: DictConfig) -> dict[str, object]:
     return chosen | {"model": cfg.model.name, "max_epochs": cfg.trainer.max_epochs}
 
 
+@contextmanager
+def finalized(loggers: list[Logger]) -> Iterator[None]:
+    """Flushes and closes every logger when the block ends, however it ends.
+
+    Lightning finalizes loggers when `fit` and `test` end, but whatever is logged after that (the HPARAMS
+    entry) reopens the writer, and a buffered writer that is never closed loses its tail at process exit.
+    """
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    except BaseException as err:
+        status = "failed" if isinstance(err, Exception) else "interrupted"
+        raise
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)  # before anything is downloaded or built
     if cfg.get("seed") is not None:
@@ -69,25 +92,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks.append(instantiate(cfg.strategy.callback))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
-    if ckpt_path:
-        log.info("Resuming from %s", ckpt_path)
-    # weights_only: a checkpoint to resume from runs no code (Lightning would unpickle a URL fully)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
-    metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
-    final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))}
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs each run's settings with these metrics
-            logger.log_hyperparams(hparams(cfg), final)
-        else:  # e.g. CSVLogger: the final metrics are in its table already
-            logger.log_hyperparams(hparams(cfg))
-    output_dir = cfg.paths.output_dir
-    if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
-        print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
-    return metrics
+    with finalized(loggers):
+        ckpt_path = resolve_ckpt_path(
+            cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name
+        )
+        if ckpt_path:
+            log.info("Resuming from %s", ckpt_path)
+        # weights_only: a checkpoint to resume from runs no code (Lightning would unpickle a URL fully)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+        final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))}
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs each run's settings with these metrics
+                logger.log_hyperparams(hparams(cfg), final)
+            else:  # e.g. CSVLogger: the final metrics are in its table already
+                logger.log_hyperparams(hparams(cfg))
+        output_dir = cfg.paths.output_dir
+        if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
+            print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
+        return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
