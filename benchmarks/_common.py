@@ -1,4 +1,4 @@
-"""What the performance benchmarks share: the real config as train.py composes it, clocks, the machine."""
+"""What the benchmarks share: their argument parser, the fit as train.py builds it, clocks, the machine, tables."""
 
 from __future__ import annotations
 
@@ -13,14 +13,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from finetune.train import CONFIG_DIR, build
+from finetune.builders import build, build_fit_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -32,17 +28,6 @@ QUIET = [
     "++trainer.enable_model_summary=false",
     "trainer.accelerator=cpu",
 ]
-
-
-def config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The train config exactly as `python train.py <overrides>` composes it, writing into `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={output_dir}", *overrides], return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir / "run")
-    return cfg
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
@@ -64,19 +49,21 @@ def run_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def trainer_for(cfg: DictConfig, *extra_callbacks: Callback) -> L.Trainer:
-    """The Trainer as `finetune.train.train` makes it: the config's callbacks and loggers, plus the strategy's."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks += [instantiate(cfg.strategy.callback), *extra_callbacks]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+def benchmark_parser(
+    description: str, overrides: str | None = "extra config overrides for every run"
+) -> argparse.ArgumentParser:
+    """Every benchmark's argument parser: its docstring as the help, and (unless None) trailing config overrides."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if overrides:
+        parser.add_argument("overrides", nargs="*", help=f"{overrides}, e.g. data.batch_size=64")
+    return parser
 
 
 def fit(cfg: DictConfig, *extra_callbacks: Callback) -> tuple[L.Trainer, Any, Any]:
     """Seed, build and fit as train.py does; returns the trainer, datamodule and model."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
-    trainer = trainer_for(cfg, *extra_callbacks)
+    trainer = build_fit_trainer(cfg, *extra_callbacks)
     trainer.fit(model, datamodule=datamodule)
     return trainer, datamodule, model
 

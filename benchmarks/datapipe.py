@@ -1,7 +1,7 @@
 """The data pipeline alone: images/s a DataLoader delivers, per worker and with the default workers.
 
-    python benchmarks/datapipe.py                        # seefood512 (full-res JPEG) and CIFAR-10 (32 px) at 224 px
-    python benchmarks/datapipe.py --sizes 128 224 --cifar-per-class 200
+    python -m benchmarks.datapipe                        # seefood512 (full-res JPEG) and CIFAR-10 (32 px) at 224 px
+    python -m benchmarks.datapipe --sizes 128 224 --cifar-per-class 200
 
 Every variant reads the training split with d2l's training transform (RandomResizedCrop + flip +
 normalise) at the given size and yields float batches (32 images), as the model gets them:
@@ -22,25 +22,24 @@ keep it fed. Each rate is the median of `--rounds`, after one warm-up batch.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import DATASETS, machine, median, table
 from PIL import Image
-from strategies import cifar10_subset
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
+from benchmarks._common import DATASETS, benchmark_parser, machine, median, table
+from benchmarks.strategies import cifar10_subset
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder, read_rgb
 from finetune.data.transforms import train_transform
 from finetune.models import timm_backbone, torchvision_backbone
-from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
 
 class Decoded(Dataset):
@@ -133,7 +132,7 @@ def step_rate(name: str, size: int, batch_size: int, steps: int = 3) -> float:
 
 
 def variants(folder: ImageFolder, size: int, tiny_source: int | None) -> dict[str, tuple[Dataset, Callable | None]]:
-    project = train_transform(size, IMAGENET_MEAN, IMAGENET_STD)
+    project = train_transform(InputConfig(size))
     found = {
         "project": (Transformed(folder, range(len(folder)), project), None),
         "PIL transforms": (Decoded(folder, read_rgb, pil_transforms(size)), None),
@@ -147,7 +146,7 @@ def variants(folder: ImageFolder, size: int, tiny_source: int | None) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> list[list[object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, overrides=None)
     parser.add_argument("--seefood", type=Path, default=DATASETS / "seefood512")
     parser.add_argument("--cifar", type=Path, default=DATASETS / "cifar10-jpg.tar.gz", help="the JPEG export archive")
     parser.add_argument("--cifar-per-class", type=int, default=100, help="training images per class to extract")

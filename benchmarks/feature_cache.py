@@ -1,7 +1,7 @@
 """A linear probe with and without the feature cache, run as a user runs it: `python train.py ...`, end to end.
 
-    python benchmarks/feature_cache.py                  # hotdog64, efficientnet_lite0, 128 px, 10 epochs
-    python benchmarks/feature_cache.py --augment-views 5  # also with augmentation: uncached vs 5 cached views
+    python -m benchmarks.feature_cache                  # hotdog64, efficientnet_lite0, 128 px, 10 epochs
+    python -m benchmarks.feature_cache --augment-views 5  # also with augmentation: uncached vs 5 cached views
 
 The same probe (strategy=freeze, data.augment=false) three times: without the cache, with a cold cache
 (the features are computed during the run) and with a warm one (the next run on the same data and
@@ -12,7 +12,6 @@ TensorBoard events; test accuracy is what the run prints.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import re
@@ -22,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, add_run_arguments, machine, median, run_overrides, table
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from benchmarks._common import ROOT, add_run_arguments, benchmark_parser, machine, median, run_overrides, table
 
 
 def run_train(args: list[str], root: Path, name: str) -> dict[str, object]:
@@ -50,10 +50,9 @@ def run_train(args: list[str], root: Path, name: str) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "extra overrides for every run")
     add_run_arguments(parser, epochs=10)
     parser.add_argument("--augment-views", type=int, default=0, help="also compare with augmentation on, N views")
-    parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. data.batch_size=64")
     args = parser.parse_args(argv)
 
     common = [
@@ -64,14 +63,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     ]
     plan = [
         ("uncached", ["data.augment=false"]),
-        ("cached (cold)", ["data.augment=false", "strategy.cache_features=true"]),
-        ("cached (warm)", ["data.augment=false", "strategy.cache_features=true"]),
+        ("cached (cold)", ["data.augment=false", "callbacks.feature_cache.enabled=true"]),
+        ("cached (warm)", ["data.augment=false", "callbacks.feature_cache.enabled=true"]),
     ]
     if args.augment_views:
         views = args.augment_views
         plan += [
             ("augmented, uncached", ["data.augment=true"]),
-            (f"augmented, {views} views cached", ["strategy.cache_features=true", f"strategy.cache_views={views}"]),
+            (
+                f"augmented, {views} views cached",
+                ["callbacks.feature_cache.enabled=true", f"callbacks.feature_cache.views={views}"],
+            ),
         ]
     print(f"# Feature cache, python train.py {' '.join(common)}: {machine()}\n", flush=True)
     results = []

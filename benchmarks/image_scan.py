@@ -1,7 +1,7 @@
 """What the bad-image scan at setup costs, and what a cheaper header check would miss.
 
-    python benchmarks/image_scan.py                   # hotdog64 and seefood512 from ../shared/datasets
-    python benchmarks/image_scan.py --rounds 5
+    python -m benchmarks.image_scan                   # hotdog64 and seefood512 from ../shared/datasets
+    python -m benchmarks.image_scan --rounds 5
 
 `ImageFolder` decodes every file once before training (`finetune.data.images.find_bad_images`: a thread
 pool, JPEGs at 1/8 size). Timed against: a header check (`Image.open` + `verify`, same pool), and one
@@ -12,7 +12,6 @@ Then each kind of bad file is built and both checks are asked whether they catch
 
 from __future__ import annotations
 
-import argparse
 import struct
 import tempfile
 import time
@@ -22,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import DATASETS, machine, median, table
 from PIL import Image
 
+from benchmarks._common import DATASETS, benchmark_parser, machine, median, table
 from finetune.data.images import IMAGE_EXTENSIONS, find_bad_images, read_rgb
 
 
@@ -83,7 +82,7 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> tuple[list[list[object]], list[list[str]]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, overrides=None)
     parser.add_argument("--root", type=Path, default=DATASETS, help="the folder that holds the datasets")
     parser.add_argument("--datasets", nargs="+", default=["hotdog64", "seefood512"])
     parser.add_argument("--rounds", type=int, default=3)

@@ -1,6 +1,6 @@
 """Peak memory (RSS) of a CPU training run, and its growth from epoch to epoch (a leak would grow).
 
-    python benchmarks/memory.py              # efficientnet_lite0 fine-tuned on hotdog64 at 128 px, 6 short epochs
+    python -m benchmarks.memory              # efficientnet_lite0 fine-tuned on hotdog64 at 128 px, 6 short epochs
 
 The run is train.py's fit and test (`finetune.train.build`, the config's Trainer, callbacks and
 loggers). Forked DataLoader workers share most of their pages with the main process, so the sum of
@@ -11,7 +11,6 @@ both are recorded. A leak in the training loop shows as growth from epoch to epo
 
 from __future__ import annotations
 
-import argparse
 import resource
 import tempfile
 import threading
@@ -21,8 +20,10 @@ from typing import Any
 
 import lightning as L
 import psutil
-from _common import QUIET, add_run_arguments, config, fit, machine, run_overrides, table
 from lightning.pytorch.callbacks import Callback
+
+from benchmarks._common import QUIET, add_run_arguments, benchmark_parser, fit, machine, run_overrides, table
+from finetune.builders import compose_config
 
 MB = 2**20
 
@@ -64,11 +65,10 @@ class MemoryMonitor(Callback):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "extra config overrides")
     add_run_arguments(parser, epochs=6)
     parser.add_argument("--train-batches", type=int, default=15, help="per epoch")
     parser.add_argument("--val-batches", type=int, default=5, help="per epoch")
-    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. strategy=freeze")
     args = parser.parse_args(argv)
 
     overrides = [
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     monitor = MemoryMonitor()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, datamodule, model = fit(config(overrides, Path(tmp)), monitor)
+        trainer, datamodule, model = fit(compose_config(overrides, Path(tmp)), monitor)
         trainer.test(model, datamodule=datamodule, verbose=False)
     monitor.stop()
     peak_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux

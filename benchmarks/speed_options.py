@@ -1,8 +1,8 @@
 """What each speed option gives train.py's fit on this machine: images/s against the defaults, in one process.
 
-    python benchmarks/speed_options.py                           # ResNet-18 and EfficientNet-Lite0 at 128 px
-    python benchmarks/speed_options.py --models resnet18 --sizes 224 --compile
-    python benchmarks/speed_options.py strategy=freeze            # a linear probe (forward-only backbone)
+    python -m benchmarks.speed_options                           # ResNet-18 and EfficientNet-Lite0 at 128 px
+    python -m benchmarks.speed_options --models resnet18 --sizes 224 --compile
+    python -m benchmarks.speed_options strategy=freeze            # a linear probe (forward-only backbone)
 
 Options against the defaults: `model.channels_last=false`, `trainer.precision=bf16-mixed` (with and
 without channels-last), `model.compile=true` (with `--compile`: its first steps include the
@@ -16,7 +16,6 @@ step's end minus a step: what re-creating the workers costs every epoch.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import tempfile
 import time
@@ -24,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, table
-from throughput import DEFAULT_MODELS, MODELS
+
+from benchmarks._common import DATASETS, QUIET, StepClock, benchmark_parser, fit, images_per_s, machine, median, table
+from benchmarks.throughput import DEFAULT_MODELS, MODELS
+from finetune.builders import compose_config
 
 VARIANTS = {
     "defaults": [],  # fp32, channels-last, 2 persistent workers
@@ -64,7 +65,7 @@ def measure(cfg, warmup: int, batch_size: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> list[list[Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "extra overrides for every variant")
     parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[128])
@@ -74,7 +75,6 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also model.compile=true (slow to compile)")
-    parser.add_argument("overrides", nargs="*", help="extra overrides for every variant, e.g. strategy=freeze")
     args = parser.parse_args(argv)
     variants = {name: VARIANTS[name] for name in args.variants}
     if args.compile:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
                 results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
                 for _ in range(args.rounds):
                     for name, extra in variants.items():
-                        cfg = config([*common, *extra], Path(tmp))
+                        cfg = compose_config([*common, *extra], Path(tmp))
                         results[name].append(measure(cfg, args.warmup, args.batch_size))
                         gc.collect()
                         print(model, size, name, results[name][-1], flush=True)

@@ -1,7 +1,7 @@
 """Strategy comparison on real data: EfficientNet-Lite0 (ImageNet weights), every strategy, several seeds.
 
-    python benchmarks/strategies.py                                  # hotdog64, 128 px, seeds 1,2,3, 5 epochs
-    python benchmarks/strategies.py --data cifar10 --lr 1e-3 optimizer=adam     # 100 + 50 images per class
+    python -m benchmarks.strategies                                  # hotdog64, 128 px, seeds 1,2,3, 5 epochs
+    python -m benchmarks.strategies --data cifar10 --lr 1e-3 optimizer=adam     # 100 + 50 images per class
 
 Runs the sweeps as a user types them (`train.py -m ...`, one multirun folder each, under one output
 folder), then `python -m finetune.report` on that folder, which prints the table and writes
@@ -14,7 +14,6 @@ The shared datasets are never copied into the project; CIFAR-10's subset is extr
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tarfile
@@ -22,7 +21,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from _common import DATASETS, ROOT
+from benchmarks._common import DATASETS, ROOT, benchmark_parser
 
 STRATEGIES = "scratch,freeze,finetune,freeze_unfreeze,gradual,llrd"
 D2L_LR = 6.4e-3  # d2l's 5e-5 on a summed loss, batch 128
@@ -54,7 +53,7 @@ def sweep(sweep_dir: Path, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "extra overrides for every run")
     parser.add_argument("--data", default="hotdog64", help="hotdog64, cifar10 or an image folder's path")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--epochs", type=int, default=5)
@@ -64,7 +63,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
     parser.add_argument("--lr", type=float, default=D2L_LR, help="the shared lr (scratch also gets 10x)")
     parser.add_argument("--out", type=Path, help="default: logs/benchmarks/strategies-<data>/<time>")
-    parser.add_argument("overrides", nargs="*", help="extra overrides for every run, e.g. optimizer=adam")
     args = parser.parse_args(argv)
 
     if args.data == "cifar10":

@@ -1,7 +1,7 @@
 """Training throughput of train.py's fit against a plain PyTorch loop (d2l style), measured in one process.
 
-    python benchmarks/throughput.py                          # ResNet-18 and EfficientNet-Lite0, 128 and 224 px
-    python benchmarks/throughput.py --models resnet18 --sizes 128 --steps 10 --rounds 3
+    python -m benchmarks.throughput                          # ResNet-18 and EfficientNet-Lite0, 128 and 224 px
+    python -m benchmarks.throughput --models resnet18 --sizes 128 --steps 10 --rounds 3
 
 Both sides train the same architecture with the same weights, data, transforms, batch size, workers and
 optimizer: the fit is built by `finetune.train.build` with the Trainer, callbacks and loggers of the
@@ -14,7 +14,6 @@ The same ratio in CPU time of the main process hardly depends on that load.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import tempfile
 from pathlib import Path
@@ -24,18 +23,18 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from _common import DATASETS, QUIET, StepClock, config, fit, images_per_s, machine, median, table
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from finetune.train import build
+from benchmarks._common import DATASETS, QUIET, StepClock, benchmark_parser, fit, images_per_s, machine, median, table
+from finetune.builders import build, compose_config
 
 MODELS = {
-    "resnet18": ["model=resnet18", "model.pretrained=false"],  # no torchvision weights offline: same speed
+    "resnet18": ["model=resnet18", "strategy.pretrained=false"],  # no torchvision weights offline: same speed
     "efficientnet_lite0": ["model=efficientnet_lite0"],
-    "tiny": ["model=timm", "model.name=mobilenetv3_small_050", "model.pretrained=false"],  # smoke tests
+    "tiny": ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"],  # smoke tests
 }
 DEFAULT_MODELS = ["resnet18", "efficientnet_lite0"]
 
@@ -83,7 +82,7 @@ def plain_loop(cfg: DictConfig, steps: int) -> StepClock:
     head_ids = {id(p) for p in head.parameters()}
     groups = [
         {"params": [p for p in net.parameters() if id(p) not in head_ids], "lr_mult": 1.0},
-        {"params": list(head.parameters()), "lr_mult": cfg.model.head_lr_mult},
+        {"params": list(head.parameters()), "lr_mult": cfg.strategy.head_lr_mult},
     ]
     optimizer = instantiate(cfg.optimizer)(groups)
     for group in optimizer.param_groups:
@@ -131,7 +130,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int, rounds: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, "extra config overrides for both sides")
     parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
@@ -139,9 +138,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "overrides", nargs="*", help="extra config overrides for both sides, e.g. model.channels_last=true"
-    )
     args = parser.parse_args(argv)
 
     print(f"# Throughput, train.py fit vs plain loop: {machine()}\n")
@@ -150,7 +146,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         for model in args.models:
             for size in args.sizes:
                 steps = args.warmup + args.steps
-                cfg = config(overrides(args.data, model, size, args.batch_size, steps, args.overrides), Path(tmp))
+                cfg = compose_config(
+                    overrides(args.data, model, size, args.batch_size, steps, args.overrides), Path(tmp)
+                )
                 rates = measure(cfg, steps, args.warmup, args.rounds)
                 med = {side: median(values) for side, values in rates.items()}
                 results.append(

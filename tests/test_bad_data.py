@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, compose_train, make_image_folder
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.images import ImageFolder, ImageReadError, read_rgb
 from finetune.errors import ConfigError, DataError, MissingFileError
+from finetune.models import InputConfig
 from finetune.train import train
+from tests.helpers import TINY, compose_train, make_image_folder
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -143,7 +144,7 @@ def test_skip_bad_images_leaves_them_out_and_lists_them(tmp_path, caplog):
 
 def test_a_run_trains_through_every_case_with_skip_bad_images(tmp_path):
     root = bad_data_folder(tmp_path / "data")
-    overrides = ["data=imagefolder", f"data.root={root}", *TINY, "model.pretrained=false", "data.val_fraction=0"]
+    overrides = ["data=imagefolder", f"data.root={root}", *TINY, "strategy.pretrained=false", "data.val_fraction=0"]
     metrics = train(compose_train(tmp_path, [*overrides, "data.skip_bad_images=true"]))
     assert 0.0 <= metrics["test/acc"] <= 1.0
     with pytest.raises(ImageReadError, match="truncated.jpg"):  # the same data without the flag
@@ -180,6 +181,6 @@ def test_empty_splits_are_named(tmp_path):
 
 def test_a_validation_fraction_that_leaves_no_training_image_is_refused(tmp_path):
     make_image_folder(tmp_path, classes=("a", "b"), train=2, test=1)
-    datamodule = ImageFolderDataModule(tmp_path, image_size=32, mean=(0, 0, 0), std=(1, 1, 1), val_fraction=0.9)
+    datamodule = ImageFolderDataModule(InputConfig(32), tmp_path, val_fraction=0.9)
     with pytest.raises(ConfigError, match=r"data.val_fraction=0.9 leaves none of the 4 training images"):
         datamodule.setup()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, compose_train, run_cli
 from finetune.train import train
+from tests.helpers import TINY, compose_train, run_cli
 
 
 def printed_accuracy(output: str) -> float:
@@ -30,7 +30,7 @@ def trained_run(tmp_path_factory, image_folder) -> tuple[Path, str]:
         "strategy=freeze",
         "data=imagefolder",
         f"data.root={image_folder}",
-        "model.pretrained=false",
+        "strategy.pretrained=false",
     ]
     result = run_cli(["train.py", *args, *TINY, "trainer.max_epochs=2"], root)
     assert result.returncode == 0, result.output
@@ -78,7 +78,13 @@ def test_default_command_offline_says_what_to_fetch(tmp_path, monkeypatch):
 
 
 def test_multirun_sweeps_lr(tmp_path, image_folder):
-    args = ["-m", "optimizer.lr=1e-3,1e-2", "data=imagefolder", f"data.root={image_folder}", "model.pretrained=false"]
+    args = [
+        "-m",
+        "optimizer.lr=1e-3,1e-2",
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        "strategy.pretrained=false",
+    ]
     result = run_cli(["train.py", *args, *TINY], tmp_path)
     assert result.returncode == 0, result.output
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
@@ -93,10 +99,10 @@ def test_experiments_run(tmp_path, image_folder, experiment):
         [
             f"experiment={experiment}",
             f"data.root={image_folder}",
-            "model.pretrained=false",
+            "strategy.pretrained=false",
             *TINY,
             "trainer.max_epochs=2",
         ]
-        + (["strategy.unfreeze_at_epoch=1"] if experiment == "mobilenetv2_cifar10" else []),
+        + (["strategy.unfreeze_at=[1]"] if experiment == "mobilenetv2_cifar10" else []),
     )
     assert 0.0 <= train(cfg)["test/acc"] <= 1.0

@@ -8,10 +8,21 @@ import pytest
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from conftest import compose_train
 from finetune.train import CONFIG_DIR
+from tests.helpers import compose_train
 
-GROUPS = ["data", "model", "strategy", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment"]
+GROUPS = [
+    "data",
+    "model",
+    "strategy",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "experiment",
+    "debug",
+]
 
 
 def options(group: str) -> list[str]:
@@ -64,11 +75,11 @@ def test_experiments_pin_their_recipes(tmp_path):
     scratch = compose_train(tmp_path, ["experiment=d2l_hotdog_scratch"])
     mobilenet = compose_train(tmp_path, ["experiment=mobilenetv2_cifar10"])
     # d2l sums the loss over 128 images: 5e-5 summed = 6.4e-3 mean; scratch uses 10x for all weights.
-    assert d2l.optimizer.lr == pytest.approx(5e-5 * 128) and d2l.model.head_lr_mult == 10
+    assert d2l.optimizer.lr == pytest.approx(5e-5 * 128) and d2l.strategy.head_lr_mult == 10
     assert d2l.data.val_fraction == 0 and d2l.optimizer._target_ == "torch.optim.SGD"
     assert scratch.optimizer.lr == pytest.approx(10 * d2l.optimizer.lr)
-    assert scratch.model.pretrained is False and scratch.model.head_lr_mult == 1
+    assert scratch.strategy.pretrained is False and scratch.strategy.head_lr_mult == 1
     assert mobilenet.model.name == "mobilenet_v2" and mobilenet.data.image_size == 224
-    assert mobilenet.strategy.callback.unfreeze_at == [2] and mobilenet.model.backbone_lr_mult == 0.1
+    assert mobilenet.strategy.unfreeze_at == [2] and mobilenet.strategy.backbone_lr_mult == 0.1
     assert (mobilenet.scheduler.step_size, mobilenet.scheduler.gamma, mobilenet.trainer.max_epochs) == (3, 0.1, 5)
     assert mobilenet.optimizer._target_ == "torch.optim.Adam" and mobilenet.optimizer.lr == 1e-3

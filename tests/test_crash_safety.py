@@ -11,9 +11,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY, compose_train
 from finetune.checkpoint import AtomicCheckpointIO
 from finetune.train import PROJECT_ROOT, train
+from tests.helpers import TINY, compose_train
 
 # Saves a checkpoint, then dies by SIGKILL half-way through writing the next one to the same path.
 KILLED_MID_SAVE = """
@@ -68,7 +68,10 @@ class NanBatch(Callback):
     ("cause", "message"),
     [
         ("optimizer.lr=1e4", r"Not saving a checkpoint at epoch 0, step (\d+): \d+ weight tensors are not finite"),
-        ("+callbacks.nan._target_=test_crash_safety.NanBatch", r"training loss is not finite \(nan.* step (\d+):"),
+        (
+            "+callbacks.nan._target_=tests.test_crash_safety.NanBatch",
+            r"training loss is not finite \(nan.* step (\d+):",
+        ),
     ],
     ids=["diverging-lr", "nan-batch"],
 )
@@ -77,7 +80,7 @@ def test_a_nan_stops_the_run_and_the_last_good_checkpoint_stays(tmp_path, image_
         "data=imagefolder",
         f"data.root={image_folder}",
         *TINY,
-        "model.pretrained=false",
+        "strategy.pretrained=false",
         "trainer.max_epochs=3",
         "callbacks.mid_epoch_checkpoint.train_time_interval=null",
         "callbacks.mid_epoch_checkpoint.every_n_train_steps=1",

@@ -17,9 +17,10 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import TINY, compose_train, run_cli
+from finetune.builders import build
 from finetune.errors import ConfigError
 from finetune.train import train
+from tests.helpers import TINY, compose_train, run_cli
 
 # convnext_atto normalises with LayerNorm (per sample, unlike BatchNorm), so 2 ranks x batch 4 must
 # compute what 1 process x batch 8 does, through the unfreeze at epoch 1 included.
@@ -31,9 +32,9 @@ DDP_RUN = [
     "trainer.deterministic=true",
     "model=timm",
     "model.name=convnext_atto",
-    "model.pretrained=false",
+    "strategy.pretrained=false",
     "strategy=freeze_unfreeze",
-    "strategy.unfreeze_at_epoch=1",
+    "strategy.unfreeze_at=[1]",
     "optimizer.momentum=0.9",
 ]
 
@@ -86,7 +87,7 @@ class HeadDtypes(Callback):
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path, image_folder):
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
     cfg = compose_train(tmp_path, [*overrides, "trainer.precision=bf16-mixed"])
     with open_dict(cfg):
         cfg.callbacks.dtypes = {"_target_": f"{__name__}.HeadDtypes"}
@@ -103,8 +104,8 @@ def fake_trainer(world_size: int, device: str) -> SimpleNamespace:
 
 
 def test_sync_batchnorm_converts_under_ddp_and_explains_the_cpu(tmp_path):
-    cfg = compose_train(tmp_path, ["model.pretrained=false", "model.sync_batchnorm=true", "data=synthetic"])
-    model = instantiate(cfg.model, num_classes=2)
+    cfg = compose_train(tmp_path, ["strategy.pretrained=false", "model.sync_batchnorm=true", "data=synthetic"])
+    model = build(cfg)[1]
     batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
     model._trainer = fake_trainer(1, "cuda")  # one device: nothing to synchronise
@@ -167,10 +168,10 @@ def test_every_strategy_runs_under_cpu_ddp(tmp_path, image_folder, strategy, tra
         "trainer=ddp_cpu",
         "data.batch_size=4",
         "trainer.max_epochs=2",
-        "model.pretrained=false",
+        "strategy.pretrained=false",
         f"strategy={strategy}",
-        *(["strategy.unfreeze_at_epoch=1"] if strategy == "freeze_unfreeze" else []),
-        *(["strategy.callback.unfreeze_at=[1]"] if strategy == "gradual" else []),
+        *(["strategy.unfreeze_at=[1]"] if strategy == "freeze_unfreeze" else []),
+        *(["strategy.unfreeze_at=[1]"] if strategy == "gradual" else []),
     ]
     result = run_cli(args, tmp_path)
     assert result.returncode == 0, result.output[-3000:]

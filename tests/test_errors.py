@@ -12,12 +12,11 @@ import pytest
 import torch
 import torchvision
 from hydra.errors import HydraException
-from hydra.utils import instantiate
 
 import finetune.data.hotdog
-from conftest import TINY, compose_train, make_image_folder
+from finetune.builders import build, build_datamodule
 from finetune.errors import ConfigError, DataError, DownloadError, MissingFileError
-from finetune.train import build
+from tests.helpers import TINY, compose_train, make_image_folder
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -34,7 +33,7 @@ def offline(monkeypatch):
 
 
 def hotdog(tmp_path):
-    return instantiate(compose_train(tmp_path, ["data=hotdog"]).data)
+    return build_datamodule(compose_train(tmp_path, ["data=hotdog"]))
 
 
 def test_hotdog_without_network_says_what_and_how_to_give_it_locally(tmp_path, offline):
@@ -85,7 +84,7 @@ def test_torchvision_weights_offline_say_where_to_put_the_file(tmp_path, image_f
     assert f"weights of 'resnet18' from https://download.pytorch.org/models/{RESNET18_FILE}" in message
     assert f"Put the file at {tmp_path}/torch/hub/checkpoints/{RESNET18_FILE}" in message
     assert f"($TORCH_HOME/hub/checkpoints/{RESNET18_FILE})" in message
-    assert "model.weights_path=<state dict file>, or model.pretrained=false" in message
+    assert "model.weights_path=<state dict file>, or strategy.pretrained=false" in message
     assert list((tmp_path / "torch" / "hub" / "checkpoints").iterdir()) == []
 
 
@@ -138,7 +137,7 @@ def test_an_unknown_backbone_name_suggests_close_ones(tmp_path, image_folder, ov
 
 def setup_data(tmp_path, root):
     datamodule, _ = build(
-        compose_train(tmp_path, ["data=imagefolder", f"data.root={root}", *TINY, "model.pretrained=false"])
+        compose_train(tmp_path, ["data=imagefolder", f"data.root={root}", *TINY, "strategy.pretrained=false"])
     )
     datamodule.setup("fit")
 

@@ -12,15 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose_train, make_image_folder
+from finetune.builders import build, build_fit_trainer
 from finetune.caching import CachedFeatures, FeatureCache, FoldedBackbone, backbone_key, split_key
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError
-from finetune.models import timm_backbone, torchvision_backbone
+from finetune.models import InputConfig, timm_backbone, torchvision_backbone
 from finetune.models.fusion import fold_batchnorm
-from finetune.train import build, train
+from finetune.train import train
+from tests.helpers import TINY, compose_train, make_image_folder
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +35,7 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-TINY_MODEL = ["model=timm", "model.name=mobilenetv3_small_050", "model.pretrained=false"]  # small checkpoints
+TINY_MODEL = ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"]  # small checkpoints
 PROBE = [*TINY_MODEL, "strategy=freeze", "trainer.max_epochs=2"]
 
 
@@ -43,9 +44,7 @@ def probe(tmp_path: Path, image_folder: Path, *overrides: str):
     cfg = compose_train(tmp_path, ["data=imagefolder", f"data.root={image_folder}", *TINY, *PROBE, *overrides])
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
-    from _common import trainer_for  # the Trainer exactly as train.py builds it
-
-    trainer = trainer_for(cfg)
+    trainer = build_fit_trainer(cfg)  # the Trainer exactly as train.py builds it
     trainer.fit(model, datamodule=datamodule)
     metrics = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     return model, datamodule, metrics
@@ -55,7 +54,7 @@ def test_cached_probe_trains_the_same_head_and_predicts_the_same(tmp_path, image
     cache = f"paths.data_dir={tmp_path / 'data'}"
     plain, plain_data, plain_metrics = probe(tmp_path / "plain", image_folder, "data.augment=false", cache)
     cached, cached_data, cached_metrics = probe(
-        tmp_path / "cached", image_folder, "data.augment=false", "strategy.cache_features=true", cache
+        tmp_path / "cached", image_folder, "data.augment=false", "callbacks.feature_cache.enabled=true", cache
     )
     test = cached_data.datasets["test"]
     assert isinstance(test, CachedFeatures) and test.features.shape == (1, 12, cached.backbone.num_features)
@@ -64,14 +63,14 @@ def test_cached_probe_trains_the_same_head_and_predicts_the_same(tmp_path, image
     assert cached_metrics["test/acc"] == plain_metrics["test/acc"]
     # Same head weights: predicting from the images (whole backbone) = predicting from the cached features.
     images = torch.stack([image for image, _ in plain_data.datasets["test"]])
-    cached.eval()
+    plain.eval()
     with torch.no_grad():
-        torch.testing.assert_close(cached(images), cached.head(test.features[0]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(plain(images), cached.head(test.features[0]), atol=1e-5, rtol=1e-4)
 
 
 def test_second_run_reads_the_cache_and_a_changed_image_is_computed_again(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "images")
-    overrides = ["data.augment=false", "strategy.cache_features=true", f"paths.data_dir={tmp_path / 'data'}"]
+    overrides = ["data.augment=false", "callbacks.feature_cache.enabled=true", f"paths.data_dir={tmp_path / 'data'}"]
     features = tmp_path / "data" / "features"
     with caplog.at_level(logging.INFO, logger="finetune.caching"):
         probe(tmp_path / "first", folder, *overrides)
@@ -90,7 +89,7 @@ def test_key_changes_with_weights_transform_data_and_labels(tmp_path, image_fold
     backbone = torchvision_backbone("resnet18", pretrained=False)
     backbone.frozen_stages = backbone.num_stages
     folder = ImageFolder(image_folder / "test")
-    split = Transformed(folder, range(len(folder)), eval_transform(32, (0.5,) * 3, (0.2,) * 3))
+    split = Transformed(folder, range(len(folder)), eval_transform(InputConfig(32, (0.5,) * 3, (0.2,) * 3)))
     weights = backbone_key(backbone)
     key = split_key(weights, split)
     assert split_key(backbone_key(backbone), split) == key  # deterministic
@@ -101,8 +100,14 @@ def test_key_changes_with_weights_transform_data_and_labels(tmp_path, image_fold
     backbone.stages[0][1].running_mean[0] += 1.0  # BatchNorm statistics are weights too
     assert len({weights, backbone_key(backbone)}) == 2
 
-    assert split_key(weights, Transformed(folder, split.indices, eval_transform(64, (0.5,) * 3, (0.2,) * 3))) != key
-    assert split_key(weights, Transformed(folder, split.indices, eval_transform(32, (0.4,) * 3, (0.2,) * 3))) != key
+    assert (
+        split_key(weights, Transformed(folder, split.indices, eval_transform(InputConfig(64, (0.5,) * 3, (0.2,) * 3))))
+        != key
+    )
+    assert (
+        split_key(weights, Transformed(folder, split.indices, eval_transform(InputConfig(32, (0.4,) * 3, (0.2,) * 3))))
+        != key
+    )
     assert split_key(weights, Transformed(folder, split.indices[1:], split.transform)) != key
     assert split_key(weights, split, extra="precision=bf16-mixed") != key
 
@@ -121,7 +126,11 @@ def test_key_changes_with_weights_transform_data_and_labels(tmp_path, image_fold
 
 
 def test_augmented_views_hold_each_epochs_augmentation(tmp_path, image_folder):
-    overrides = ["strategy.cache_features=true", "strategy.cache_views=2", f"paths.data_dir={tmp_path / 'data'}"]
+    overrides = [
+        "callbacks.feature_cache.enabled=true",
+        "callbacks.feature_cache.views=2",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
     _, datamodule, _ = probe(tmp_path, image_folder, *overrides)
     train_split, val, test = (datamodule.datasets[s] for s in ("train", "val", "test"))
     assert train_split.features.shape[:2] == (2, 22) and val.features.shape[0] == test.features.shape[0] == 1
@@ -132,14 +141,14 @@ def test_augmented_views_hold_each_epochs_augmentation(tmp_path, image_folder):
 def test_cache_refuses_a_backbone_that_trains(tmp_path, image_folder):
     cache = FeatureCache(enabled=True, cache_dir=tmp_path)
     backbone = torchvision_backbone("resnet18", pretrained=False)
-    with pytest.raises(ConfigError, match="strategy.cache_features=true needs a backbone frozen"):
+    with pytest.raises(ConfigError, match="callbacks.feature_cache.enabled=true needs a backbone frozen"):
         cache.require_frozen(backbone)
-    with pytest.raises(ConfigError, match="cache_views=0 must be >= 1"):
+    with pytest.raises(ConfigError, match="feature_cache.views=0 must be >= 1"):
         FeatureCache(views=0)
     cfg = compose_train(
         tmp_path,
         ["data=imagefolder", f"data.root={image_folder}", *TINY, *TINY_MODEL, "strategy=finetune"]
-        + ["+strategy.cache_features=true"],
+        + ["callbacks.feature_cache.enabled=true"],
     )
     with pytest.raises(ConfigError, match=r"but (\d+) of its \1 stages train"):
         train(cfg)
@@ -150,14 +159,14 @@ BENCH = ["--models", "tiny", "--sizes", "32", "--batch-size", "4", "--steps", "2
 
 
 def test_throughput_benchmark_runs(image_folder):
-    import throughput
+    from benchmarks import throughput
 
     (result,) = throughput.main(["--data", str(image_folder), *BENCH, "data.num_workers=0"])
     assert result["lightning"] > 0 and result["plain"] > 0 and result["ratio"] > 0
 
 
 def test_speed_options_benchmark_runs(image_folder):
-    import speed_options
+    from benchmarks import speed_options
 
     rows = speed_options.main(
         ["--data", str(image_folder), *BENCH, "data.num_workers=0", "--variants", "defaults", "channels_last=false"]
@@ -166,7 +175,7 @@ def test_speed_options_benchmark_runs(image_folder):
 
 
 def test_memory_benchmark_runs(image_folder):
-    import memory
+    from benchmarks import memory
 
     args = ["--epochs", "3", "--train-batches", "2", "--val-batches", "1", "data.batch_size=4", "data.num_workers=0"]
     result = memory.main(["--data", str(image_folder), "--model", *TINY_MODEL, *args])
@@ -174,7 +183,7 @@ def test_memory_benchmark_runs(image_folder):
 
 
 def test_datapipe_benchmark_runs(tmp_path):
-    import datapipe
+    from benchmarks import datapipe
 
     rng = np.random.default_rng(0)
     for name, size in (("photos", 80), ("tiny", 32)):
@@ -190,9 +199,9 @@ def test_datapipe_benchmark_runs(tmp_path):
 
 
 def test_feature_cache_benchmark_times_a_cli_run(tmp_path, image_folder):
-    import feature_cache
+    from benchmarks import feature_cache
 
-    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, *PROBE, "strategy.cache_features=true"]
+    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, *PROBE, "callbacks.feature_cache.enabled=true"]
     result = feature_cache.run_train(args, tmp_path, "cached")
     assert len(result["epochs_s"]) == 1 and result["extraction_s"] is not None and 0 <= result["test_acc"] <= 1
 
@@ -252,7 +261,7 @@ def test_a_convolution_whose_output_is_also_used_elsewhere_is_not_folded():
 
 
 def test_image_scan_benchmark_runs_and_the_scan_catches_every_bad_file(image_folder):
-    import image_scan
+    from benchmarks import image_scan
 
     rows, caught = image_scan.main(
         ["--root", str(image_folder.parent), "--datasets", image_folder.name, "--rounds", "1"]

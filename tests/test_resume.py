@@ -13,12 +13,13 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import TINY, compose_train, make_image_folder
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.errors import MissingFileError
+from finetune.models import InputConfig
 from finetune.train import PROJECT_ROOT, train
+from tests.helpers import TINY, compose_train, make_image_folder
 
 STEPS_PER_EPOCH = 6  # 2 classes x 24 images, batch 8
 RUN = [
@@ -28,9 +29,9 @@ RUN = [
     "trainer.max_epochs=3",
     "trainer.deterministic=true",
     "model=mobilenet_v2",
-    "model.pretrained=false",
+    "strategy.pretrained=false",
     "strategy=freeze_unfreeze",
-    "strategy.unfreeze_at_epoch=1",
+    "strategy.unfreeze_at=[1]",
     "scheduler=cosine",  # every group's lr changes each epoch
     "optimizer.momentum=0.9",  # optimizer state that must survive the kill
     "callbacks.mid_epoch_checkpoint.train_time_interval=null",
@@ -135,9 +136,8 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
 
 def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images):
     def loader(workers: int):
-        data = ImageFolderDataModule(
-            images, batch_size=8, val_fraction=0, image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, num_workers=workers
-        )
+        config = InputConfig(32, (0.5,) * 3, (0.5,) * 3)
+        data = ImageFolderDataModule(config, images, batch_size=8, val_fraction=0, num_workers=workers)
         data.setup()
         return data.train_dataloader()
 

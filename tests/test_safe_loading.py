@@ -9,11 +9,11 @@ import torch
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import TINY, compose_train
 from finetune.errors import ConfigError, DownloadError
 from finetune.eval import evaluate
 from finetune.models.backbones import torchvision_backbone
 from finetune.train import CONFIG_DIR, build, train
+from tests.helpers import TINY, compose_train
 
 
 class RunsCode:
@@ -69,7 +69,7 @@ def test_eval_refuses_a_checkpoint_that_runs_code(tmp_path, image_folder, marker
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
     ckpt = run / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": {}, "payload": RunsCode(marker)}, ckpt)
@@ -83,7 +83,7 @@ def test_eval_refuses_a_checkpoint_that_runs_code(tmp_path, image_folder, marker
 def test_resuming_loads_weights_only(tmp_path, image_folder, marker):
     """Lightning reads `ckpt_path` before the first step; its own checkpoints load weights-only (test_training)."""
     torch.save({"epoch": 0, "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
     with pytest.raises(pickle.UnpicklingError, match="GLOBAL exec"):
         train(compose_train(tmp_path, [*overrides, f"ckpt_path={tmp_path / 'evil.ckpt'}"]))
     assert not marker.exists()

@@ -15,9 +15,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import TINY, compose_train
 from finetune.models.backbones import timm_backbone, torchvision_backbone
 from finetune.train import train
+from tests.helpers import TINY, compose_train
 
 LR = 0.05
 STAGES = 5  # resnet18: stem, layer1, ..., layer4
@@ -65,7 +65,7 @@ def run(root: Path, image_folder: Path, *overrides: str, ckpt_path: Path | None 
             "data=imagefolder",
             f"data.root={image_folder}",
             *TINY,
-            "model.pretrained=false",
+            "strategy.pretrained=false",
             "+trainer.limit_train_batches=1",  # the probe looks at the first step of each epoch
             f"optimizer.lr={LR}",
             "optimizer.momentum=0",
@@ -95,7 +95,7 @@ def cosine(epoch: int, epochs: int = 3) -> float:
             lambda epoch: range(STAGES),
         ),
         (
-            ["strategy=gradual", "strategy.callback.unfreeze_at=[1,2]"],  # one more stage from the top per epoch
+            ["strategy=gradual", "strategy.unfreeze_at=[1,2]"],  # one more stage from the top per epoch
             {f"stage{k}": 1.0 for k in range(STAGES)} | {"head": 10.0},
             lambda epoch: range(STAGES - epoch, STAGES),
         ),

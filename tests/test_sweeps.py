@@ -11,7 +11,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 
 def test_every_job_of_a_sweep_has_its_run_folder_with_its_overrides(strategy_sweep):
@@ -50,7 +50,7 @@ def test_each_run_logs_its_hyperparameters_with_its_final_metrics_for_the_hparam
 
 
 def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete(tmp_path, image_folder):
-    args = ["-m", "optimizer.lr=1e-2,1e6", "data=imagefolder", f"data.root={image_folder}", "model.pretrained=false"]
+    args = ["-m", "optimizer.lr=1e-2,1e6", "data=imagefolder", f"data.root={image_folder}", "strategy.pretrained=false"]
     result = run_cli(["train.py", *args, *TINY], tmp_path)
     assert result.returncode == 0, result.output
     assert "job 1 failed, the sweep goes on" in result.output
@@ -73,7 +73,7 @@ def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete
 
 def test_optuna_searches_lr_and_head_lr_mult_for_the_best_val_acc(tmp_path, image_folder):
     args = ["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", "data=imagefolder", f"data.root={image_folder}"]
-    result = run_cli(["train.py", *args, "model.pretrained=false", *TINY], tmp_path)
+    result = run_cli(["train.py", *args, "strategy.pretrained=false", *TINY], tmp_path)
     assert result.returncode == 0, result.output
     (folder,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     trials = [yaml.safe_load((folder / job / ".hydra" / "overrides.yaml").read_text()) for job in "01"]
@@ -93,11 +93,11 @@ def val_acc(run_dir) -> float:
 
 
 def test_strategy_benchmark_runs_every_strategy_and_reports(tmp_path, image_folder):
-    import strategies
+    from benchmarks import strategies
 
     # 5 epochs: gradual unfreezes at epochs 1 to 4
     tiny = ["--seeds", "1", "--epochs", "5", "--image-size", "32", "--num-workers", "0", "data.batch_size=8"]
-    out = strategies.main(["--data", str(image_folder), "--out", str(tmp_path), *tiny, "model.pretrained=false"])
+    out = strategies.main(["--data", str(image_folder), "--out", str(tmp_path), *tiny, "strategy.pretrained=false"])
     statuses = {
         p.parent.relative_to(out).as_posix(): json.loads(p.read_text())["status"] for p in out.rglob("status.json")
     }

@@ -11,9 +11,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import TINY, compose_train
+from finetune.builders import build
 from finetune.finetuning import StageUnfreezing
-from finetune.train import build, train
+from finetune.train import train
+from tests.helpers import TINY, compose_train
 
 
 def checkpoint(run_dir: Path, name: str = "last.ckpt") -> dict:
@@ -38,10 +39,10 @@ def fit(tmp_path: Path, image_folder: Path, *overrides: str):
 
 @pytest.mark.parametrize("strategy", ["scratch", "freeze", "finetune", "freeze_unfreeze", "gradual", "llrd"])
 def test_every_strategy_fits(tmp_path, image_folder, strategy):
-    extra = ["strategy.unfreeze_at_epoch=1"] if strategy == "freeze_unfreeze" else []
-    extra += ["strategy.callback.unfreeze_at=[1]"] if strategy == "gradual" else []
+    extra = ["strategy.unfreeze_at=[1]"] if strategy == "freeze_unfreeze" else []
+    extra += ["strategy.unfreeze_at=[1]"] if strategy == "gradual" else []
     cfg, metrics = fit(
-        tmp_path, image_folder, f"strategy={strategy}", "model.pretrained=false", "trainer.max_epochs=2", *extra
+        tmp_path, image_folder, f"strategy={strategy}", "strategy.pretrained=false", "trainer.max_epochs=2", *extra
     )
     assert 0.0 <= metrics["test/acc"] <= 1.0 and np.isfinite(metrics["train/loss_epoch"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -50,11 +51,11 @@ def test_every_strategy_fits(tmp_path, image_folder, strategy):
 @pytest.mark.parametrize(
     "model",
     [
-        ["model=resnet18", "model.pretrained=false"],
-        ["model=resnet50", "model.pretrained=false"],
-        ["model=mobilenet_v2", "model.pretrained=false"],
+        ["model=resnet18", "strategy.pretrained=false"],
+        ["model=resnet50", "strategy.pretrained=false"],
+        ["model=mobilenet_v2", "strategy.pretrained=false"],
         ["model=efficientnet_lite0"],
-        ["model=timm", "model.name=mobilenetv3_small_050", "model.pretrained=false"],
+        ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"],
     ],
     ids=lambda m: m[0].split("=")[1],
 )
@@ -68,7 +69,7 @@ def test_every_model_family_finetunes(tmp_path, image_folder, model):
 
 
 def test_optimizer_has_named_groups_with_head_at_10x(tmp_path):
-    cfg = compose_train(tmp_path, ["model.pretrained=false", "optimizer.lr=0.01"])
+    cfg = compose_train(tmp_path, ["strategy.pretrained=false", "optimizer.lr=0.01"])
     model = build(cfg)[1]
     optimizer = model.configure_optimizers()["optimizer"]
     groups = {g["name"]: g for g in optimizer.param_groups}
@@ -93,9 +94,9 @@ def _backbone_delta(tmp_path: Path, image_folder: Path, backbone_lr_mult: float)
         tmp_path,
         image_folder,
         "strategy=freeze_unfreeze",
-        "strategy.unfreeze_at_epoch=1",
+        "strategy.unfreeze_at=[1]",
         f"strategy.backbone_lr_mult={backbone_lr_mult}",
-        "model.pretrained=false",
+        "strategy.pretrained=false",
         "optimizer.weight_decay=0",
         "trainer.max_epochs=2",
         "+trainer.limit_train_batches=1",
@@ -125,8 +126,8 @@ def test_freeze_unfreeze_flips_at_the_epoch_and_trains_at_the_scaled_lr(tmp_path
 def test_resumed_run_after_the_unfreeze_epoch_is_still_unfrozen(tmp_path, image_folder):
     common = [
         "strategy=freeze_unfreeze",
-        "strategy.unfreeze_at_epoch=1",
-        "model.pretrained=false",
+        "strategy.unfreeze_at=[1]",
+        "strategy.pretrained=false",
         "callbacks.model_checkpoint.save_top_k=-1",
     ]
     fit(tmp_path, image_folder, *common, "trainer.max_epochs=2")
@@ -155,11 +156,11 @@ class StageSpy(L.Callback):
 
 
 def test_stage_unfreezing_schedules():
-    assert [StageUnfreezing(initial=0).trainable_at(e, 5) for e in range(3)] == [0, 0, 0]
-    assert [StageUnfreezing(initial="all").trainable_at(e, 5) for e in range(3)] == [5, 5, 5]
-    flip = StageUnfreezing(initial=0, unfreeze_at=[2], step="all")
+    assert [StageUnfreezing(trainable=0).trainable_at(e, 5) for e in range(3)] == [0, 0, 0]
+    assert [StageUnfreezing(trainable="all").trainable_at(e, 5) for e in range(3)] == [5, 5, 5]
+    flip = StageUnfreezing(trainable=0, unfreeze_at=[2], unfreeze_step="all")
     assert [flip.trainable_at(e, 5) for e in range(4)] == [0, 0, 5, 5]
-    gradual = StageUnfreezing(initial=0, unfreeze_at=[1, 2, 3], step=1)
+    gradual = StageUnfreezing(trainable=0, unfreeze_at=[1, 2, 3], unfreeze_step=1)
     assert [gradual.trainable_at(e, 5) for e in range(5)] == [0, 1, 2, 3, 3]
 
 
@@ -184,7 +185,9 @@ def test_fake_cifar10_in_torchvision_format(tmp_path, monkeypatch):
 
     _write_fake_cifar10(tmp_path / "cifar")
     monkeypatch.setattr(cifar, "check_integrity", lambda *args: True)  # the fake has other md5 sums
-    cfg = compose_train(tmp_path, ["data=cifar10", f"data.root={tmp_path / 'cifar'}", "model.pretrained=false", *TINY])
+    cfg = compose_train(
+        tmp_path, ["data=cifar10", f"data.root={tmp_path / 'cifar'}", "strategy.pretrained=false", *TINY]
+    )
     metrics = train(cfg)
     assert cfg.data.root.endswith("cifar") and 0.0 <= metrics["test/acc"] <= 1.0
     datamodule = build(cfg)[0]
@@ -194,7 +197,7 @@ def test_fake_cifar10_in_torchvision_format(tmp_path, monkeypatch):
 
 
 def test_csv_logger_records_the_final_metrics(tmp_path, image_folder):
-    _, metrics = fit(tmp_path, image_folder, "logger=csv", "model.pretrained=false")
+    _, metrics = fit(tmp_path, image_folder, "logger=csv", "strategy.pretrained=false")
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"test/acc", "val/acc", "train/loss_epoch", "lr-SGD/head"} <= set(header)
     assert "optimizer" in (tmp_path / "run" / "csv" / "hparams.yaml").read_text()

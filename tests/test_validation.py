@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 import finetune.train
-from conftest import TINY, compose_train, run_cli
 from finetune.errors import ConfigError
 from finetune.train import train
 from finetune.validation import config_problems
+from tests.helpers import TINY, compose_train, run_cli
 
 BAD = {
     "optimizer.lr=0": "optimizer.lr=0 must be > 0",
@@ -16,16 +16,15 @@ BAD = {
     "strategy.head_lr_mult=0": "strategy.head_lr_mult=0 must be > 0",
     "strategy.backbone_lr_mult=-1": "strategy.backbone_lr_mult=-1 must be > 0",
     "strategy.layer_decay=0": "strategy.layer_decay=0 must be > 0",
-    "model.head_lr_mult=-2": "model.head_lr_mult=-2 must be > 0",  # set on the model itself: named there
     "data.batch_size=0": "data.batch_size=0 must be > 0",
     "data.image_size=16": "data.image_size=16 is too small: the backbones shrink images 32x, so it must be >= 32",
     "data.val_fraction=1.0": "data.val_fraction=1.0 must be in [0, 1) (0 = validate on the test split)",
     "strategy=freeze_unfreeze trainer.max_epochs=2": (
-        "strategy.unfreeze_at_epoch=2 must be < trainer.max_epochs=2 (epochs count from 0): "
+        "strategy.unfreeze_at=[2] must be < trainer.max_epochs=2 (epochs count from 0): "
         "stages unfrozen at epoch [2] would never train"
     ),
     "strategy=gradual trainer.max_epochs=3": (
-        "strategy.callback.unfreeze_at=[1, 2, 3, 4] must be < trainer.max_epochs=3 (epochs count from 0): "
+        "strategy.unfreeze_at=[1, 2, 3, 4] must be < trainer.max_epochs=3 (epochs count from 0): "
         "stages unfrozen at epoch [3, 4] would never train"
     ),
 }
@@ -71,7 +70,7 @@ def test_the_shipped_configs_are_valid(tmp_path, overrides):
 
 def test_a_batch_larger_than_the_training_set_with_drop_last_stops_before_training(tmp_path, image_folder):
     # 24 training images, 10% of them for validation: 22 left to train on
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
     cfg = compose_train(tmp_path, [*overrides, "data.batch_size=64", "data.drop_last=true"])
     with pytest.raises(ConfigError, match=r"data.batch_size=64 is larger than the 22 training images and data.drop_l"):
         train(cfg)
@@ -79,7 +78,7 @@ def test_a_batch_larger_than_the_training_set_with_drop_last_stops_before_traini
 
 
 def test_the_cli_prints_the_problem_without_a_traceback(tmp_path):
-    result = run_cli(["train.py", "data=synthetic", "model.pretrained=false", "optimizer.lr=-1"], tmp_path)
+    result = run_cli(["train.py", "data=synthetic", "strategy.pretrained=false", "optimizer.lr=-1"], tmp_path)
     assert result.returncode == 1
     assert "Error: Invalid config:\n  optimizer.lr=-1 must be > 0" in result.stderr
     assert "Traceback" not in result.output

@@ -1,6 +1,6 @@
 """Feature caching for a frozen backbone: it runs once per split and the head trains on its output.
 
-With `strategy=freeze strategy.cache_features=true` the whole backbone stays frozen for the whole run, so
+With `strategy=freeze callbacks.feature_cache.enabled=true` the whole backbone stays frozen for the whole run, so
 it is a pure function of the transformed image (`Backbone.forward_frozen`). Its output on every split is
 computed once and stored in `cache_dir` under a key that hashes everything it depends on: the frozen
 stages' architecture and weights, the transform, the images' bytes and labels, and the precision. A
@@ -20,19 +20,17 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
+from finetune.data.datamodule import ImageFolderDataModule, Transformed
 from finetune.data.sampling import Seeded, augmentation_seeds
 from finetune.errors import ConfigError
+from finetune.models.backbones import Backbone
 from finetune.models.fusion import fold_batchnorm
-
-if TYPE_CHECKING:  # finetune.data imports the backbones, whose package imports this module
-    from finetune.data.datamodule import Transformed
-    from finetune.models.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +93,10 @@ class FoldedBackbone:
         return self.folded.forward_frozen(images)
 
 
-class FeatureCache:
-    """Turns every split of the datamodule into the frozen backbone's output on it (see the module docstring).
+class FeatureCache(Callback):
+    """Turns every split of the datamodule into the frozen backbone's output on it (see the module docstring),
+    and has the backbone take those features instead of images. It runs after the strategy callback, which
+    decides what is frozen (`finetune.builders` puts that first).
 
     `views`: augmented views of the training split to cache when the data is augmented (1 = one fixed
     augmentation per image); `cache_dir`: where the features live (`<key>.pt`, read with weights_only=True).
@@ -104,7 +104,7 @@ class FeatureCache:
 
     def __init__(self, enabled: bool = False, views: int = 1, cache_dir: str | os.PathLike = "data/features"):
         if views < 1:
-            raise ConfigError(f"strategy.cache_views={views} must be >= 1")
+            raise ConfigError(f"callbacks.feature_cache.views={views} must be >= 1")
         self.enabled, self.views, self.cache_dir = enabled, views, Path(cache_dir).expanduser()
 
     @staticmethod
@@ -113,30 +113,47 @@ class FeatureCache:
         if backbone.frozen_stages != backbone.num_stages:
             trainable = backbone.num_stages - backbone.frozen_stages
             raise ConfigError(
-                "strategy.cache_features=true needs a backbone frozen for the whole run (strategy=freeze), "
-                f"but {trainable} of its {backbone.num_stages} stages train: set strategy.cache_features=false"
+                "callbacks.feature_cache.enabled=true needs a backbone frozen for the whole run (strategy=freeze), "
+                f"but {trainable} of its {backbone.num_stages} stages train: set callbacks.feature_cache.enabled=false"
             )
 
-    def attach(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.enabled:
+            self.attach(trainer, pl_module.backbone)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.backbone.prefix_precomputed:
+            self.require_frozen(pl_module.backbone)  # no stage whose output is cached may unfreeze
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`trainer.test` after the fit reads the cached test split too."""
+        datasets = getattr(trainer.datamodule, "datasets", {})
+        pl_module.backbone.prefix_precomputed = isinstance(datasets.get("test"), CachedFeatures)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pl_module.backbone.prefix_precomputed = False  # the model takes images again outside the trainer
+
+    def attach(self, trainer: L.Trainer, backbone: Backbone) -> None:
         """Replaces the trainer's datamodule splits by their cached features, computing the missing ones."""
-        self.require_frozen(module.backbone)
+        self.require_frozen(backbone)
         datamodule = trainer.datamodule
-        if not isinstance(getattr(datamodule, "datasets", None), dict):
-            raise ConfigError("strategy.cache_features=true needs the data from a finetune DataModule (config `data`)")
-        weights = backbone_key(module.backbone)
-        backbone = FoldedBackbone(module.backbone)
+        if not isinstance(datamodule, ImageFolderDataModule):
+            raise ConfigError("callbacks.feature_cache.enabled=true needs the data from a finetune DataModule")
+        weights = backbone_key(backbone)
+        folded = FoldedBackbone(backbone)
         for split, dataset in datamodule.datasets.items():
             if isinstance(dataset, CachedFeatures):  # a second fit on the same datamodule
                 continue
             augmented = split == "train" and datamodule.augment
             views = [
-                self._view(trainer, backbone, dataset, weights, (datamodule.seed, epoch) if augmented else None)
+                self._view(trainer, folded, dataset, weights, (datamodule.seed, epoch) if augmented else None)
                 for epoch in range(self.views if augmented else 1)
             ]
             features = torch.stack([features for features, _ in views])
             datamodule.datasets[split] = CachedFeatures(features, views[0][1])
         # The splits are tensors in memory now: worker processes would only add start-up time and copies.
         datamodule.num_workers, datamodule.persistent_workers = 0, False
+        backbone.prefix_precomputed = True
 
     def _view(
         self,

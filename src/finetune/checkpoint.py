@@ -6,13 +6,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import Callback
 
 from finetune.errors import MissingFileError
 
 LAST = "last.ckpt"
+RUN_SETTINGS = "run_settings"  # the checkpoint key of the run's resolved settings (plain containers)
+
+
+class RunSettings(Callback):
+    """Stores the run's resolved settings (data, model, strategy, optimizer, ...) in every checkpoint, so
+    `eval.py` rebuilds the run's data from the checkpoint alone, whatever `conf/` says today."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_SETTINGS] = self.settings
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

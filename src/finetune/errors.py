@@ -6,6 +6,11 @@ derives from the built-in error it replaces, so `except ValueError` / `FileNotFo
 
 from __future__ import annotations
 
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
 
 class UserError(Exception):
     """Bad input rather than a bug: the command line shows `Error: <message>` and exits with status 1."""
@@ -25,3 +30,14 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class DownloadError(UserError, RuntimeError):
     """Data or weights that could not be fetched or failed their checksum; the message says how to give them locally."""
+
+
+def instantiate_unwrapped(config: Any, **kwargs: Any) -> Any:
+    """Hydra's instantiate, but a UserError raised inside comes out as itself, not wrapped in Hydra's error."""
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if not isinstance(cause, UserError):
+            raise
+    raise cause

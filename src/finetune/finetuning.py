@@ -21,14 +21,15 @@ Count = int | str  # a number of stages, or "all"
 
 
 class StageUnfreezing(Callback):
-    """`initial` top stages train from epoch 0; at each epoch in `unfreeze_at`, `step` more do.
+    """`trainable` top stages train from epoch 0; at each epoch in `unfreeze_at`, `unfreeze_step` more do.
 
-    scratch/finetune: initial=all. freeze: initial=0. freeze_unfreeze: initial=0, unfreeze_at=[E],
-    step=all. gradual: initial=0, unfreeze_at=[e1, e2, ...], step=1 (ULMFiT, from the top).
+    The strategy config's keys of the same names (conf/strategy/_base.yaml). scratch/finetune: trainable=all.
+    freeze: trainable=0. freeze_unfreeze: trainable=0, unfreeze_at=[E], unfreeze_step=all. gradual:
+    trainable=0, unfreeze_at=[e1, e2, ...], unfreeze_step=1 (ULMFiT, from the top).
     """
 
-    def __init__(self, initial: Count = "all", unfreeze_at: Sequence[int] = (), step: Count = "all"):
-        self.initial, self.unfreeze_at, self.step = initial, sorted(unfreeze_at), step
+    def __init__(self, trainable: Count = "all", unfreeze_at: Sequence[int] = (), unfreeze_step: Count = "all"):
+        self.trainable, self.unfreeze_at, self.unfreeze_step = trainable, sorted(unfreeze_at), unfreeze_step
         self.trainable_stages: int | None = None
 
     @staticmethod
@@ -37,7 +38,8 @@ class StageUnfreezing(Callback):
 
     def trainable_at(self, epoch: int, num_stages: int) -> int:
         steps = sum(epoch >= e for e in self.unfreeze_at)
-        return min(num_stages, self._count(self.initial, num_stages) + steps * self._count(self.step, num_stages))
+        start, step = self._count(self.trainable, num_stages), self._count(self.unfreeze_step, num_stages)
+        return min(num_stages, start + steps * step)
 
     def _apply(self, pl_module: L.LightningModule, trainable: int) -> None:
         backbone = pl_module.backbone

@@ -1,4 +1,4 @@
-"""The training task: instantiate from the config, fit, test, return the metric a sweeper optimizes."""
+"""The training task: validate the config, build, fit, test, return the metric a sweeper optimizes."""
 
 from __future__ import annotations
 
@@ -13,21 +13,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer, run_settings
 from finetune.checkpoint import resolve_ckpt_path
-from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import UserError
-from finetune.models.module import FineTuneModule
 from finetune.run_dirs import unique_dir
 from finetune.run_status import recorded
 from finetune.validation import validate
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = str(PROJECT_ROOT / "conf")
 os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)  # conf/hydra/default.yaml
 
@@ -36,32 +31,10 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
-def _instantiate(config: DictConfig, **kwargs: object) -> object:
-    """Hydra's instantiate, but a UserError raised inside comes out as itself, not wrapped in Hydra's error."""
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if not isinstance(cause, UserError):
-            raise
-    raise cause
-
-
-def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
-    """The DataModule, and the model sized to its classes; the data takes the backbone's input config."""
-    datamodule: ImageFolderDataModule = _instantiate(cfg.data)
-    model: FineTuneModule = _instantiate(cfg.model, num_classes=datamodule.num_classes)
-    datamodule.set_input_config(model.backbone.input_config)
-    return datamodule, model
-
-
 def hparams(cfg: DictConfig) -> dict[str, object]:
     """The settings that tell runs apart, for TensorBoard's HPARAMS tab (the logger flattens them)."""
-    chosen = {key: cfg.get(key) for key in ("seed", "data", "strategy", "optimizer", "scheduler")}
-    chosen = {
-        key: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for key, v in chosen.items()
-    }
-    return chosen | {"model": cfg.model.name, "max_epochs": cfg.trainer.max_epochs}
+    settings = run_settings(cfg)
+    return settings | {"model": cfg.model.name, "max_epochs": cfg.trainer.max_epochs}
 
 
 @contextmanager
@@ -88,11 +61,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    callbacks.append(instantiate(cfg.strategy.callback))
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    with finalized(loggers):
+    trainer = build_fit_trainer(cfg)
+    with finalized(trainer.loggers):
         ckpt_path = resolve_ckpt_path(
             cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name
         )
@@ -104,15 +74,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
         final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))}
-        for logger in loggers:
+        for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs each run's settings with these metrics
                 logger.log_hyperparams(hparams(cfg), final)
             else:  # e.g. CSVLogger: the final metrics are in its table already
                 logger.log_hyperparams(hparams(cfg))
-        output_dir = cfg.paths.output_dir
-        if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
-            print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {output_dir})")
-        return metrics
+    if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
+        print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {cfg.paths.output_dir})")
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,12 +1,11 @@
 """Config rules, checked before any work starts (nothing downloaded, no model built).
 
 Each rule lives here and only here; rules that need the data (a batch larger than the training set)
-are checked by the DataModule's `setup`. Messages name the key to change.
+are checked by the DataModule's `setup`. Every value is read where users set it, so each message names
+the key to change.
 """
 
 from __future__ import annotations
-
-import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,33 +14,23 @@ from finetune.errors import ConfigError
 # Every backbone here (ResNet, MobileNetV2, EfficientNet) shrinks its input 32x: below 32 px the last
 # stage sees less than one pixel.
 MIN_IMAGE_SIZE = 32
-POSITIVE = ("optimizer.lr", "model.head_lr_mult", "model.backbone_lr_mult", "model.layer_decay", "data.batch_size")
-_INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")
-
-
-def _written(cfg: DictConfig, key: str) -> object:
-    """A value as written in the config, before interpolation."""
-    parent, _, leaf = key.rpartition(".")
-    return OmegaConf.to_container(OmegaConf.select(cfg, parent), resolve=False).get(leaf)
-
-
-def _origin(cfg: DictConfig, key: str) -> str:
-    """The key a user sets: `model.head_lr_mult` is `${strategy.head_lr_mult}` unless overridden."""
-    match = _INTERPOLATION.fullmatch(str(_written(cfg, key)))
-    return _origin(cfg, match[1]) if match else key
+POSITIVE = (
+    "optimizer.lr",
+    "strategy.head_lr_mult",
+    "strategy.backbone_lr_mult",
+    "strategy.layer_decay",
+    "data.batch_size",
+)
 
 
 def _late_unfreezing(cfg: DictConfig) -> str | None:
-    epochs = OmegaConf.select(cfg, "strategy.callback.unfreeze_at") or []
+    epochs = list(OmegaConf.select(cfg, "strategy.unfreeze_at") or [])
     max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     late = [e for e in epochs if max_epochs is not None and 0 <= max_epochs <= e]
     if not late:
         return None
-    written = _written(cfg, "strategy.callback.unfreeze_at")
-    match = _INTERPOLATION.fullmatch(str(written[0])) if len(written) == 1 else None
-    key = _origin(cfg, match[1]) if match else "strategy.callback.unfreeze_at"
     return (
-        f"{key}={OmegaConf.select(cfg, key)} must be < trainer.max_epochs={max_epochs} (epochs count from 0): "
+        f"strategy.unfreeze_at={epochs} must be < trainer.max_epochs={max_epochs} (epochs count from 0): "
         f"stages unfrozen at epoch {late} would never train"
     )
 
@@ -49,7 +38,7 @@ def _late_unfreezing(cfg: DictConfig) -> str | None:
 def config_problems(cfg: DictConfig) -> list[str]:
     """Everything wrong with a composed train config, one line each."""
     problems = [
-        f"{_origin(cfg, key)}={value} must be > 0"
+        f"{key}={value} must be > 0"
         for key in POSITIVE
         if (value := OmegaConf.select(cfg, key)) is not None and not value > 0
     ]

@@ -39,12 +39,14 @@ class ImageFolderDataModule(L.LightningDataModule):
     """`root/train/<class>/*` and `root/test/<class>/*` (or `val/`) with the d2l transforms.
 
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
-    (as d2l does). Input size and normalisation default to the backbone's (`set_input_config`).
-    Unreadable images stop `setup` with their names, or with `skip_bad_images` are left out and logged.
+    (as d2l does). `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
+    override it when set. Unreadable images stop `setup` with their names, or with `skip_bad_images` are
+    left out and logged.
     """
 
     def __init__(
         self,
+        input_config: InputConfig,
         root: str | os.PathLike | None = None,
         batch_size: int = 32,
         val_fraction: float = 0.1,
@@ -63,7 +65,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.image_size, self.mean, self.std = image_size, mean, std
+        self.input_config = input_config.overridden(image_size=image_size, mean=mean, std=std)
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.persistent_workers = persistent_workers and self.num_workers > 0
@@ -95,26 +97,18 @@ class ImageFolderDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def set_input_config(self, config: InputConfig) -> None:
-        """Fills image size, mean and std that the config left unset from the backbone's."""
-        self.image_size = self.image_size or config.image_size
-        self.mean = self.mean or config.mean
-        self.std = self.std or config.std
-
     @property
     def train_transform(self):
         """d2l's augmentation, or with `augment=false` the deterministic eval transform."""
-        return train_transform(self.image_size, self.mean, self.std) if self.augment else self.eval_transform
+        return train_transform(self.input_config) if self.augment else self.eval_transform
 
     @property
     def eval_transform(self):
-        return eval_transform(self.image_size, self.mean, self.std)
+        return eval_transform(self.input_config)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        if self.image_size is None:
-            raise RuntimeError("Call set_input_config(backbone.input_config) or set data.image_size/mean/std first")
         train, test = self.read_split("train"), self.read_split("test")
         indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_val = round(len(train) * self.val_fraction)

@@ -1,4 +1,4 @@
-"""The d2l 14.2 transforms, sized and normalised for the backbone's pretrained weights.
+"""The d2l 14.2 transforms, sized, interpolated and normalised as the backbone's pretrained weights expect.
 
 The image becomes a uint8 tensor first: torchvision resizes uint8 tensors about 3x faster than PIL
 does PIL images (BENCHMARKS.md, data pipeline), with the same crop parameters and antialiasing.
@@ -6,31 +6,38 @@ does PIL images (BENCHMARKS.md, data pipeline), with the same crop parameters an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
+
+from finetune.models.backbones import InputConfig
 
 
-def _normalized(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+def _normalized(config: InputConfig) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(config.mean), list(config.std))]
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+def train_transform(config: InputConfig) -> v2.Compose:
     """RandomResizedCrop + horizontal flip (d2l's training augmentation)."""
+    interpolation = InterpolationMode(config.interpolation)
     return v2.Compose(
         [
             v2.ToImage(),
-            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomResizedCrop(config.image_size, interpolation=interpolation, antialias=True),
             v2.RandomHorizontalFlip(),
-            *_normalized(mean, std),
+            *_normalized(config),
         ]
     )
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Resize to a square 256/224 of the crop, then CenterCrop (d2l: Resize([256, 256]), CenterCrop(224))."""
-    resize = round(image_size * 256 / 224)
+def eval_transform(config: InputConfig) -> v2.Compose:
+    """The short side resized to `config.resize`, then the centre crop (what the weights were evaluated with:
+    256 -> 224 for ResNet-18, 232 -> 224 for torchvision's ResNet-50 and MobileNetV2 V2 weights)."""
+    interpolation = InterpolationMode(config.interpolation)
     return v2.Compose(
-        [v2.ToImage(), v2.Resize([resize, resize], antialias=True), v2.CenterCrop(image_size), *_normalized(mean, std)]
+        [
+            v2.ToImage(),
+            v2.Resize(config.resize, interpolation=interpolation, antialias=True),
+            v2.CenterCrop(config.image_size),
+            *_normalized(config),
+        ]
     )

@@ -14,7 +14,7 @@ import os
 import pickle
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,21 +28,67 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class InputConfig:
-    """What the pretrained weights expect: input size and normalisation."""
+    """What the pretrained weights expect of an image (timm's `resolve_data_config`, torchvision's
+    `weights.transforms()`): the crop size, normalisation, and the resize before the centre crop
+    (`resize = image_size / crop_pct`, short side) with its interpolation."""
 
     image_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+    @property
+    def resize(self) -> int:
+        return round(self.image_size / self.crop_pct)
+
+    def overridden(self, **values: object) -> InputConfig:
+        """This config with the values a user set (None = keep the weights' value)."""
+        given = {key: value for key, value in values.items() if value is not None}
+        return replace(self, **{key: tuple(v) if key in ("mean", "std") else v for key, v in given.items()})
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values, for checkpoints that load with `weights_only=True` and for JSON sidecars."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> InputConfig:
+        return cls().overridden(**{f.name: values[f.name] for f in fields(cls)})
+
+
+def torchvision_input_config(name: str) -> InputConfig:
+    """What torchvision's DEFAULT weights of `name` expect (e.g. resize 232 for ResNet-50 V2, not 256)."""
+    import torchvision
+
+    if name not in TORCHVISION_SPLITS:
+        raise _unknown_name("torchvision backbone", name, sorted(TORCHVISION_SPLITS))
+    meta = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    crop, resize = meta.crop_size[0], meta.resize_size[0]
+    return InputConfig(crop, tuple(meta.mean), tuple(meta.std), crop / resize, meta.interpolation.value)
+
+
+def timm_input_config(name: str) -> InputConfig:
+    """What the default pretrained weights of timm's `name` expect (its `pretrained_cfg`)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise _unknown_name("timm model", name, timm.list_models())
+    cfg = timm.models.get_pretrained_cfg(name)
+    return InputConfig(cfg.input_size[-1], tuple(cfg.mean), tuple(cfg.std), cfg.crop_pct, cfg.interpolation)
 
 
 class Backbone(nn.Module):
-    """A feature extractor made of sequential stages; the first `frozen_stages` run frozen."""
+    """A feature extractor made of sequential stages; the first `frozen_stages` run frozen.
 
-    def __init__(self, stages: Sequence[nn.Module], num_features: int, input_config: InputConfig):
+    `prefix_precomputed`: the inputs are the frozen prefix's output already (set by `finetune.caching.FeatureCache`
+    while the head trains on cached features), so only the trainable stages run.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], num_features: int):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.num_features = num_features
-        self.input_config = input_config
+        self.prefix_precomputed = False
         self._frozen_stages = 0
 
     @property
@@ -80,7 +126,7 @@ class Backbone(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_trainable(self.forward_frozen(x))
+        return self.forward_trainable(x if self.prefix_precomputed else self.forward_frozen(x))
 
 
 def _pooled(*modules: nn.Module) -> nn.Sequential:
@@ -121,18 +167,23 @@ def _reason(err: Exception) -> str:
     return refusal[1] if refusal else f"{type(err).__name__}: {err}"
 
 
-def load_state_dict_file(path: str | os.PathLike, key: str = "model.weights_path") -> dict[str, torch.Tensor]:
-    """Loads a user's weights or Lightning checkpoint file safely (`weights_only=True`: no code in it runs)."""
+def load_checkpoint_file(path: str | os.PathLike, key: str = "model.weights_path") -> object:
+    """Loads a user's weights or checkpoint file safely (`weights_only=True`: no code in it runs)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingFileError(f"{key}: no such file: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for crafted files, RuntimeError for junk
         raise ConfigError(
             f"{key}: refusing to load {path}: only plain tensor state dicts load, so that no code in "
             f"a file can run (torch.load weights_only=True): {_reason(err)}"
         ) from err
+
+
+def load_state_dict_file(path: str | os.PathLike, key: str = "model.weights_path") -> dict[str, torch.Tensor]:
+    """The state dict in a weights file or Lightning checkpoint, loaded safely (see `load_checkpoint_file`)."""
+    state = load_checkpoint_file(path, key)
     for name in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(name), dict):
             state = state[name]
@@ -166,7 +217,7 @@ def _download_error(name: str, url: str, err: Exception) -> DownloadError:
     return DownloadError(
         f"Could not fetch or read the pretrained weights of '{name}' from {url} ({_reason(err)}). "
         f"Offline? Put the file at {cache} ($TORCH_HOME/hub/checkpoints/{Path(url).name}), "
-        "or pass model.weights_path=<state dict file>, or model.pretrained=false."
+        "or pass model.weights_path=<state dict file>, or strategy.pretrained=false."
     )
 
 
@@ -187,9 +238,7 @@ def torchvision_backbone(name: str, pretrained: bool = True, weights_path: str |
         except (OSError, RuntimeError, pickle.UnpicklingError) as err:  # URLError is an OSError
             raise _download_error(name, weights.url, err) from err
         _load_weights(model, state, (), str(_hub_file(weights.url)))
-    meta = weights.transforms()
-    config = InputConfig(meta.crop_size[0], tuple(meta.mean), tuple(meta.std))
-    return Backbone(split(model), num_features, config)
+    return Backbone(split(model), num_features)
 
 
 def _split_timm(model: nn.Module) -> list[nn.Module]:
@@ -250,10 +299,8 @@ def timm_backbone(
             url = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url", "?")
             raise _download_error(name, str(url), err) from err
     model.reset_classifier(0)
-    data = model.pretrained_cfg
-    config = InputConfig(data["input_size"][-1], tuple(data["mean"]), tuple(data["std"]))
     stages = _split_timm(model)
-    if len(stages) > 1 and not _is_sequential_split(model, stages, min(config.image_size, 64)):
+    if len(stages) > 1 and not _is_sequential_split(model, stages, min(model.pretrained_cfg["input_size"][-1], 64)):
         stages = [model]  # forward is not a plain chain of children: one stage, no gradual unfreezing
     # head_hidden_size: the pooled width after any pre-logits layer (e.g. MobileNetV3's conv_head)
-    return Backbone(stages, getattr(model, "head_hidden_size", model.num_features), config)
+    return Backbone(stages, getattr(model, "head_hidden_size", model.num_features))

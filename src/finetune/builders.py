@@ -1,0 +1,108 @@
+"""Everything a run is built of, in one direction: config -> backbone metadata -> data -> model -> trainer.
+
+`train.py`, `eval.py`, the tests and the benchmarks all build through these functions, so there is one way
+to make each piece (as lightning-hydra-template's `instantiate_callbacks` / `instantiate_loggers`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from finetune.checkpoint import RunSettings
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.errors import instantiate_unwrapped
+from finetune.finetuning import StageUnfreezing
+from finetune.models.module import FineTuneModule
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = str(PROJECT_ROOT / "conf")
+# The settings that make a run what it is: stored in its checkpoints, and logged for TensorBoard's HPARAMS tab.
+SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler")
+
+
+def plain(config: Any) -> Any:
+    """A config node as plain Python containers, resolved (what checkpoints store and modules are given)."""
+    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
+
+
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    return {key: plain(cfg.get(key)) for key in SETTINGS}
+
+
+def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
+    """The data, sized and normalised for what the backbone's weights expect (data.image_size etc. override)."""
+    backbone_input = instantiate_unwrapped(cfg.model.input_config)
+    return instantiate_unwrapped(cfg.data, input_config=backbone_input, _convert_="object")  # a dataclass stays one
+
+
+def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneModule:
+    """The LightningModule for the data's classes and input; every argument a plain container (checkpointed)."""
+    return FineTuneModule(
+        backbone=plain(cfg.model.backbone),
+        classes=datamodule.classes,
+        input_config=datamodule.input_config.to_dict(),
+        strategy=plain(cfg.strategy),
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        sync_batchnorm=cfg.model.sync_batchnorm,
+        channels_last=cfg.model.channels_last,
+        compile=cfg.model.compile,
+    )
+
+
+def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
+    """Backbone metadata -> data -> model, each from what came before; nothing is handed back."""
+    datamodule = build_datamodule(cfg)
+    return datamodule, build_model(cfg, datamodule)
+
+
+def instantiate_callbacks(config: DictConfig | None) -> list[Callback]:
+    """The callbacks of a `callbacks` config; an entry set to null (`callbacks.progress_bar=null`) is left out."""
+    return [instantiate(entry) for entry in (config or {}).values() if entry is not None]
+
+
+def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
+    return [instantiate(entry) for entry in (config or {}).values() if entry is not None]
+
+
+def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback] = (), loggers: Sequence[Logger] = ()) -> L.Trainer:
+    """The Trainer of a `trainer` config (no logger when none is given)."""
+    return instantiate(trainer, callbacks=list(callbacks), logger=list(loggers) or False)
+
+
+def build_fit_trainer(cfg: DictConfig, *extra_callbacks: Callback) -> L.Trainer:
+    """The Trainer of a training run: the strategy's callback first (it decides what is frozen before any
+    other callback looks, e.g. the feature cache), the config's callbacks and loggers, and the run's
+    settings in every checkpoint."""
+    schedule = {key: cfg.strategy[key] for key in ("trainable", "unfreeze_at", "unfreeze_step")}
+    callbacks = [
+        StageUnfreezing(**plain(schedule)),
+        *instantiate_callbacks(cfg.get("callbacks")),
+        RunSettings(run_settings(cfg)),
+        *extra_callbacks,
+    ]
+    return build_trainer(cfg.trainer, callbacks, instantiate_loggers(cfg.get("logger")))
+
+
+def compose_config(overrides: Sequence[str], root: str | os.PathLike, task: str = "train") -> DictConfig:
+    """The config exactly as `python <task>.py <overrides>` composes it, with data and logs under `root` and
+    the run's output in `root/run` (for the tests and benchmarks, which build runs without Hydra's launcher)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(task, overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(root) / "run")
+    return cfg
