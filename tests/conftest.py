@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
+from torch import nn
 
+from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from finetune.train import CONFIG_DIR, PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))  # the benchmarks' tiny runs are tests too
@@ -83,3 +86,29 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory, image_folder: Path)
     assert result.returncode == 0, result.output
     (folder,) = (root / "logs" / "train" / "multiruns").iterdir()
     return folder, result.output
+
+
+def tiny_classifier(classes: int = 3, seed: int = 0) -> nn.Module:
+    """A small conv net (normalised images of any size -> logits), in eval mode, as an exported model would be."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    ).eval()
+
+
+def tiny_meta(image_size: int = 32, temperature: float = 1.0) -> dict:
+    """The metadata of `tiny_classifier`: classes, eval transform and temperature."""
+    return {
+        "classes": ["red", "green", "blue"],
+        "image_size": image_size,
+        "resize": round(image_size * 256 / 224),  # as finetune.data.transforms.eval_transform
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bilinear",
+        "temperature": temperature,
+    }
