@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 from PIL import Image
+from torch import nn
 
 from finetune.builders import PROJECT_ROOT, compose_config
+from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
 # Small, fast, offline: 32 px, batch 8, one epoch on the CPU, no workers (conf/debug/tiny.yaml).
 TINY = ["debug=tiny"]
@@ -46,3 +49,22 @@ def run_cli(args: list[str], root: Path, timeout: int = 300) -> subprocess.Compl
     )
     result.output = result.stdout + result.stderr
     return result
+
+
+def tiny_classifier(classes: int = 3, seed: int = 0) -> nn.Module:
+    """A small conv net (normalised images of any size -> logits), in eval mode, as an exported model would be."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    ).eval()
+
+
+def tiny_meta(image_size: int = 32, temperature: float = 1.0) -> dict:
+    """The metadata of `tiny_classifier`: classes, what it expects of an image, and its temperature."""
+    input_config = InputConfig(image_size, IMAGENET_MEAN, IMAGENET_STD)
+    return {"classes": ["red", "green", "blue"], **input_config.to_dict(), "temperature": temperature}

@@ -131,7 +131,8 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured Markdown table (also used by `finetune.analysis`)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -152,7 +153,7 @@ def runs_table(runs: Sequence[Run]) -> str:
         ]
         for run in runs
     ]
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def _mean_and_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -192,7 +193,7 @@ def summary_table(runs: Sequence[Run]) -> str:
                 _fmt(statistics.mean(r.wall_time_s for r in done), 0) if done else "-",
             ]
         )
-    return _markdown(header, rows)
+    return markdown_table(header, rows)
 
 
 def plot_curves(runs: Sequence[Run]) -> Figure:

@@ -1,0 +1,183 @@
+"""Streaming inference over image files: a file, a folder (recursive) or a glob, to a CSV of top-k predictions.
+
+Files are found lazily and read batch by batch, so a folder of any size costs memory for one batch of
+images (and, for a glob, its list of paths). A file that cannot be read (truncated, empty, not an image)
+becomes a CSV row with the reason instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import itertools
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from finetune.analysis import softmax_probs
+from finetune.data.images import IMAGE_EXTENSIONS, ImageReadError, read_rgb
+from finetune.errors import MissingFileError
+
+Transform = Callable[[Image.Image], torch.Tensor]
+Item = tuple[str, torch.Tensor | None, str]  # path, image (None if unreadable), error ("" if none)
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Image files under `folder`, depth first, sorted by name within each folder; hidden ones are skipped.
+
+    Only one folder's listing is held at a time (per level of depth)."""
+    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():
+            yield from _walk(path)
+        elif entry.is_file() and _is_image(path):
+            yield path
+
+
+class ImagePaths:
+    """The image files named by `source`: one file (whatever its name), a folder (searched recursively for
+    `IMAGE_EXTENSIONS`) or a glob pattern (`photos/**/*.jpg`; matches are filtered and sorted the same way).
+
+    Lazy and re-iterable (each `iter()` starts anew), and picklable, so DataLoader workers can share it.
+    """
+
+    def __init__(self, source: str | os.PathLike):
+        self.source = str(source)
+        path = Path(self.source).expanduser()
+        if not path.exists() and not any(char in self.source for char in "*?["):
+            raise MissingFileError(f"input: no such file or folder: {self.source}")
+
+    def __iter__(self) -> Iterator[Path]:
+        path = Path(self.source).expanduser()
+        if path.is_file():
+            yield path
+        elif path.is_dir():
+            yield from _walk(path)
+        else:  # glob.iglob yields in directory order, so sorting needs the list of matching paths
+            matches = sorted(glob.iglob(os.path.expanduser(self.source), recursive=True))
+            yield from (p for p in map(Path, matches) if p.is_file() and _is_image(p))
+
+
+def load_image(path: str | os.PathLike, transform: Transform) -> Item:
+    """(path, transform(image), "") or, for a file that cannot be decoded, (path, None, reason)."""
+    try:
+        image = read_rgb(path)
+    except ImageReadError as err:
+        cause = err.__cause__ or err
+        return str(path), None, f"{type(cause).__name__}: {cause}"
+    return str(path), transform(image), ""
+
+
+class ImageFiles(IterableDataset):
+    """`load_image` of each path, in order; with DataLoader workers, worker w of n takes paths w, w+n, ..."""
+
+    def __init__(self, paths: Iterable[str | os.PathLike], transform: Transform):
+        self.paths, self.transform = paths, transform
+
+    def __iter__(self) -> Iterator[Item]:
+        worker = get_worker_info()
+        paths = (
+            iter(self.paths) if worker is None else itertools.islice(self.paths, worker.id, None, worker.num_workers)
+        )
+        return (load_image(path, self.transform) for path in paths)
+
+
+def collate(items: list[Item]) -> tuple[list[str], list[str], torch.Tensor | None]:
+    """The batch's paths, their errors ("" for readable files) and the stack of its readable images (or None)."""
+    images = [image for _, image, _ in items if image is not None]
+    return [path for path, _, _ in items], [error for _, _, error in items], torch.stack(images) if images else None
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    images: int  # files seen, readable or not
+    errors: int  # files that could not be read
+    per_class: dict[str, int]  # readable images by top-1 class, every class listed
+
+
+def _header(top_k: int) -> list[str]:
+    return [
+        "path",
+        *itertools.chain.from_iterable((f"top{i}_class", f"top{i}_prob") for i in range(1, top_k + 1)),
+        "error",
+    ]
+
+
+def default_device() -> torch.device:
+    """cuda when there is a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def predict(
+    model: nn.Module,
+    meta: Mapping[str, Any],
+    paths: Iterable[str | os.PathLike],
+    transform: Transform,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    top_k: int = 5,
+    output_csv: str | os.PathLike = "predictions.csv",
+    num_workers: int = 0,
+    tta: str = "none",
+    progress: bool = True,
+) -> PredictionSummary:
+    """Classifies every path in batches on `device` (default: cuda if available), softmax(logits / temperature),
+    writing one CSV row per file as its batch finishes: path, top-k classes and probabilities (most likely first;
+    `top_k` is capped at the number of classes), error. Moves `model` to `device` and puts it in eval mode."""
+    classes = list(meta["classes"])
+    top_k = min(top_k, len(classes))
+    device = torch.device(device) if device is not None else default_device()
+    model.eval().to(device)
+    loader = DataLoader(
+        ImageFiles(paths, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    counts: Counter[str] = Counter()
+    seen = errors = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with (
+        open(output_csv, "w", newline="") as file,
+        Progress(*columns, console=Console(stderr=True), disable=not progress) as bar,
+        torch.inference_mode(),
+    ):
+        writer = csv.writer(file)
+        writer.writerow(_header(top_k))
+        task = bar.add_task("predicting", total=None)
+        for batch_paths, batch_errors, images in loader:
+            ranked: Iterator[tuple[list[float], list[int]]] = iter(())
+            if images is not None:
+                probs = softmax_probs(model, images.to(device, non_blocking=True), float(meta["temperature"]), tta)
+                ranked = zip(*(t.tolist() for t in probs.topk(top_k, dim=1)), strict=True)
+            for path, error in zip(batch_paths, batch_errors, strict=True):
+                if error:
+                    writer.writerow([path, *[""] * (2 * top_k), error])
+                    errors += 1
+                    continue
+                values, indices = next(ranked)
+                counts[classes[indices[0]]] += 1
+                cells = itertools.chain.from_iterable(
+                    (classes[i], f"{p:.6f}") for p, i in zip(values, indices, strict=True)
+                )
+                writer.writerow([path, *cells, ""])
+            seen += len(batch_paths)
+            file.flush()  # rows of finished batches survive an interrupted run
+            bar.update(task, completed=seen)
+    return PredictionSummary(seen, errors, {name: counts[name] for name in classes})
