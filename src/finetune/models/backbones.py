@@ -38,14 +38,17 @@ class InputConfig:
     crop_pct: float = 0.875
     interpolation: str = "bilinear"
 
+    def __post_init__(self) -> None:  # lists from configs and JSON become tuples: equal configs compare equal
+        object.__setattr__(self, "mean", tuple(self.mean))
+        object.__setattr__(self, "std", tuple(self.std))
+
     @property
     def resize(self) -> int:
         return round(self.image_size / self.crop_pct)
 
     def overridden(self, **values: object) -> InputConfig:
         """This config with the values a user set (None = keep the weights' value)."""
-        given = {key: value for key, value in values.items() if value is not None}
-        return replace(self, **{key: tuple(v) if key in ("mean", "std") else v for key, v in given.items()})
+        return replace(self, **{key: value for key, value in values.items() if value is not None})
 
     def to_dict(self) -> dict[str, object]:
         """Plain values, for checkpoints that load with `weights_only=True` and for JSON sidecars."""
@@ -53,7 +56,7 @@ class InputConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> InputConfig:
-        return cls().overridden(**{f.name: values[f.name] for f in fields(cls)})
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 def torchvision_input_config(name: str) -> InputConfig:

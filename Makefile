@@ -1,0 +1,22 @@
+# Everyday commands (README.md has the rest).
+.PHONY: install test test-slow lint format bench
+
+install:  ## the project and its dev tools, editable
+	python -m pip install -e ".[dev]"
+
+test:  ## the default suite (offline, under 10 minutes on 2 CPU cores)
+	python -m pytest
+
+test-slow:  ## the longer end-to-end tests
+	python -m pytest -m slow
+
+lint:  ## what the pre-commit hook checks
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff check --fix .
+	ruff format .
+
+bench:  ## the strategy comparison on ../shared/datasets/hotdog64 (about 45 min on 2 CPU cores)
+	python -m benchmarks.strategies

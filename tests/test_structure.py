@@ -1,0 +1,70 @@
+"""The one-way build: the backbone's metadata decides the data, the checkpoint holds what rebuilds the model,
+and the debug configs run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from finetune.builders import build_datamodule
+from finetune.models.module import FineTuneModule
+from finetune.train import train
+from tests.helpers import TINY, compose_train
+
+
+def resize_of(transform: v2.Compose) -> v2.Resize:
+    (resize,) = (t for t in transform.transforms if isinstance(t, v2.Resize))
+    return resize
+
+
+@pytest.mark.parametrize(
+    ("overrides", "crop", "resize", "interpolation", "mean"),
+    [
+        (["model=resnet18"], 224, 256, "bilinear", (0.485, 0.456, 0.406)),
+        (["model=resnet50"], 224, 232, "bilinear", (0.485, 0.456, 0.406)),  # torchvision's V2 weights: 232
+        (["model=torchvision", "model.name=mobilenet_v2"], 224, 232, "bilinear", (0.485, 0.456, 0.406)),
+        (["model=efficientnet_lite0"], 224, 256, "bicubic", (0.5, 0.5, 0.5)),
+        (["model=efficientnet_lite0", "data.image_size=128"], 128, 146, "bicubic", (0.5, 0.5, 0.5)),  # 128 / 0.875
+    ],
+)
+def test_the_data_follows_what_the_weights_expect(tmp_path, overrides, crop, resize, interpolation, mean):
+    datamodule = build_datamodule(compose_train(tmp_path, ["data=synthetic", "data.image_size=null", *overrides]))
+    config = datamodule.input_config
+    assert (config.image_size, config.resize, config.interpolation, config.mean) == (crop, resize, interpolation, mean)
+    eval_resize = resize_of(datamodule.eval_transform)
+    assert eval_resize.size == [resize] and eval_resize.interpolation.value == interpolation  # the short side
+
+
+def test_a_checkpoint_rebuilds_its_model_from_itself_alone(tmp_path, image_folder):
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "model=efficientnet_lite0", "strategy=freeze"]
+    train(compose_train(tmp_path, overrides))
+    moved = tmp_path / "elsewhere" / "model.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(tmp_path / "run" / "checkpoints" / "last.ckpt", moved)
+    shutil.rmtree(tmp_path / "run")  # no run folder, no config: the checkpoint alone
+
+    checkpoint = torch.load(moved, map_location="cpu", weights_only=True)  # plain containers only
+    model = FineTuneModule.from_checkpoint(moved)
+    assert model.classes == ["blue", "red"] and not model.training
+    assert model.input_config.image_size == 32 and model.input_config.interpolation == "bicubic"
+    assert checkpoint["run_settings"]["data"]["root"] == str(image_folder)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, checkpoint["state_dict"][name]), name
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+
+
+def test_debug_configs_run_the_pipeline(tmp_path, image_folder):
+    data = ["data=imagefolder", f"data.root={image_folder}", "data.image_size=32", "data.batch_size=4"]
+    data += ["strategy.pretrained=false"]
+    fdr = train(compose_train(tmp_path / "fdr", [*data, "debug=fdr"]))
+    assert "test/acc" in fdr and not (tmp_path / "fdr" / "run" / "checkpoints").exists()  # fast_dev_run saves none
+    train(compose_train(tmp_path / "limit", [*data, "debug=limit"]))
+    last = torch.load(tmp_path / "limit" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 9)  # 3 epochs of 3 batches
+    for option in ("overfit", "profiler"):
+        cfg = compose_train(tmp_path, [*data, f"debug={option}"])
+        assert cfg.trainer.accelerator == "cpu" and cfg.data.num_workers == 0
+    assert compose_train(tmp_path, ["debug=overfit"]).trainer.overfit_batches == 3
