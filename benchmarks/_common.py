@@ -20,6 +20,12 @@ from finetune.builders import build, build_fit_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
+MODELS = {
+    "resnet18": ["model=resnet18", "strategy.pretrained=false"],  # no torchvision weights offline: same speed
+    "efficientnet_lite0": ["model=efficientnet_lite0"],
+    "tiny": ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"],  # smoke tests
+}
+DEFAULT_MODELS = ["resnet18", "efficientnet_lite0"]
 # No progress bar or model summary (Lightning would add its own defaults), on the CPU.
 QUIET = [
     "~callbacks.progress_bar",
@@ -36,6 +42,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
     parser.add_argument("--model", nargs="+", default=["model=efficientnet_lite0"], help="model overrides")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=epochs)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser, sizes: list[int], steps: int, rounds: int) -> None:
+    """The options of a benchmark that times training steps: which models at which sizes, and how long."""
+    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=sizes)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per measurement (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
 
 
 def run_overrides(args: argparse.Namespace) -> list[str]:

@@ -24,8 +24,18 @@ from typing import Any
 
 import lightning as L
 
-from benchmarks._common import DATASETS, QUIET, StepClock, benchmark_parser, fit, images_per_s, machine, median, table
-from benchmarks.throughput import DEFAULT_MODELS, MODELS
+from benchmarks._common import (
+    MODELS,
+    QUIET,
+    StepClock,
+    add_speed_arguments,
+    benchmark_parser,
+    fit,
+    images_per_s,
+    machine,
+    median,
+    table,
+)
 from finetune.builders import compose_config
 
 VARIANTS = {
@@ -66,13 +76,7 @@ def measure(cfg, warmup: int, batch_size: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> list[list[Any]]:
     parser = benchmark_parser(__doc__, "extra overrides for every variant")
-    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[128])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    add_speed_arguments(parser, sizes=[128], steps=10, rounds=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="also model.compile=true (slow to compile)")
     args = parser.parse_args(argv)

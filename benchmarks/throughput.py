@@ -28,15 +28,19 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks._common import DATASETS, QUIET, StepClock, benchmark_parser, fit, images_per_s, machine, median, table
+from benchmarks._common import (
+    MODELS,
+    QUIET,
+    StepClock,
+    add_speed_arguments,
+    benchmark_parser,
+    fit,
+    images_per_s,
+    machine,
+    median,
+    table,
+)
 from finetune.builders import build, compose_config
-
-MODELS = {
-    "resnet18": ["model=resnet18", "strategy.pretrained=false"],  # no torchvision weights offline: same speed
-    "efficientnet_lite0": ["model=efficientnet_lite0"],
-    "tiny": ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"],  # smoke tests
-}
-DEFAULT_MODELS = ["resnet18", "efficientnet_lite0"]
 
 
 def overrides(data: Path, model: str, size: int, batch_size: int, steps: int, extra: list[str]) -> list[str]:
@@ -131,13 +135,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int, rounds: int) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = benchmark_parser(__doc__, "extra config overrides for both sides")
-    parser.add_argument("--data", type=Path, default=DATASETS / "hotdog64")
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
-    parser.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    add_speed_arguments(parser, sizes=[128, 224], steps=12, rounds=3)
     args = parser.parse_args(argv)
 
     print(f"# Throughput, train.py fit vs plain loop: {machine()}\n")

@@ -3,16 +3,19 @@ and the debug configs run."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms import v2
 
-from finetune.builders import build_datamodule
+from finetune.builders import PROJECT_ROOT, build_datamodule
 from finetune.models.module import FineTuneModule
 from finetune.train import train
-from tests.helpers import TINY, compose_train
+from tests.helpers import TINY, compose_train, run_cli
 
 
 def resize_of(transform: v2.Compose) -> v2.Resize:
@@ -68,3 +71,31 @@ def test_debug_configs_run_the_pipeline(tmp_path, image_folder):
         cfg = compose_train(tmp_path, [*data, f"debug={option}"])
         assert cfg.trainer.accelerator == "cpu" and cfg.data.num_workers == 0
     assert compose_train(tmp_path, ["debug=overfit"]).trainer.overfit_batches == 3
+
+
+def test_where_things_live_matches_the_tree():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    table = readme.split("### Where things live", 1)[1].split("\n\n", 2)[1]
+    named = set(re.findall(r"`((?:src|conf|tests|benchmarks)/[\w/.]*|[\w]+\.py)`", table))
+    assert all((PROJECT_ROOT / path).exists() for path in named), sorted(
+        p for p in named if not (PROJECT_ROOT / p).exists()
+    )
+    modules = {str(p.relative_to(PROJECT_ROOT)) for p in (PROJECT_ROOT / "src" / "finetune").rglob("*.py")}
+    folders = {path.rstrip("/") for path in named}
+    unnamed = [
+        m for m in modules if m not in named and not m.endswith("__init__.py") and str(Path(m).parent) not in folders
+    ]
+    assert not unnamed, f"not in README's 'Where things live': {unnamed}"
+
+
+def test_the_debug_command_of_the_readme_runs(tmp_path):
+    command = "python train.py model=efficientnet_lite0 data=synthetic debug=fdr"
+    assert f"`{command}`" in (PROJECT_ROOT / "README.md").read_text()
+    result = run_cli(command.split()[1:], tmp_path)
+    assert result.returncode == 0, result.output
+    assert "Test accuracy:" in result.output and not list((tmp_path / "logs").rglob("*.ckpt"))
+
+
+def test_make_lint_runs_as_documented():
+    result = subprocess.run(["make", "lint"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
