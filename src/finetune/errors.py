@@ -25,3 +25,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class DownloadError(UserError, RuntimeError):
     """Data or weights that could not be fetched or failed their checksum; the message says how to give them locally."""
+
+
+class DiskFullError(UserError, OSError):
+    """No space left where a file is written; the message names the folder, the space needed and the space free."""
