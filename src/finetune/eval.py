@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.errors import MissingFileError, UserError
 from finetune.models.backbones import load_state_dict_file
 from finetune.train import CONFIG_DIR, build
+from finetune.validation import missing_values, validate
 
 
 def run_overrides(ckpt_path: Path) -> list[str]:
@@ -25,6 +26,7 @@ def run_overrides(ckpt_path: Path) -> list[str]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    validate(cfg, missing_values)
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     if not ckpt_path.is_file():
         raise MissingFileError(f"ckpt_path: no such file: {ckpt_path}")
