@@ -1,0 +1,50 @@
+"""Composes the config of each command, as the command would, without running it: the dry run of gpu_check.sh.
+
+    python benchmarks/compose_check.py < commands.txt     # one command a line, as a shell types it
+
+`python train.py <overrides>`: Hydra composes the train config and the project checks it (`finetune.validation`),
+all before train.py would build or download anything; `python benchmarks/throughput.py ...`: its `--dry-run`.
+One process for all of them: each start of train.py costs seconds of imports.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import throughput
+from _common import config
+
+from finetune.validation import validate
+
+
+def check(command: str, tmp: Path) -> None:
+    """Raises whatever the command's config composition or validation would raise."""
+    script, *args = shlex.split(command)[1:]  # after `python`
+    if Path(script).name == "train.py":
+        validate(config(args, tmp))
+    elif Path(script).name == "throughput.py":
+        throughput.main([*args, "--dry-run"])
+    else:
+        raise ValueError(f"no dry run for {script}")
+
+
+def main(commands: list[str]) -> int:
+    """Checks every command; the number that fail."""
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for command in commands:
+            try:
+                check(command, Path(tmp))
+            except Exception as err:
+                failed += 1
+                print(f"FAILED: {command}\n  {type(err).__name__}: {err}", flush=True)
+            else:
+                print(f"composes: {command}", flush=True)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main([line.strip() for line in sys.stdin if line.strip()]) else 0)
