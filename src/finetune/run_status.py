@@ -30,7 +30,8 @@ def recorded(run_dir: str | os.PathLike) -> Iterator[None]:
     except BaseException as err:
         record = {
             "status": "failed" if isinstance(err, Exception) else "interrupted",
-            "error": f"{type(err).__name__}: {err}",
+            # Lightning turns Ctrl-C into SystemExit(1): both read the same here
+            "error": "KeyboardInterrupt (Ctrl-C)" if interrupted(err) else f"{type(err).__name__}: {err}",
         }
         raise
     finally:

@@ -51,6 +51,7 @@ def _late_unfreezing(cfg: DictConfig) -> str | None:
 
 
 def _missing(value: object, key: str = "") -> Iterator[str]:
+    """The keys whose value is `???` in a plain container (OmegaConf.missing_keys resolves every interpolation)."""
     if isinstance(value, dict):
         for name, item in value.items():
             yield from _missing(item, f"{key}.{name}" if key else str(name))
@@ -63,10 +64,12 @@ def _missing(value: object, key: str = "") -> Iterator[str]:
 
 def missing_values(cfg: DictConfig) -> list[str]:
     """Every value the command line must give (`???` in the config), with a command that gives it."""
-    written = OmegaConf.to_container(cfg, resolve=False)  # nothing resolved: an interpolation to ??? is no error here
-    keys = [key for key in _missing(written) if key.split(".")[0] != "hydra"]
-    example = {key: command_line(f"{key}={EXAMPLES.get(key, '<value>')}") for key in keys}
-    return [f"{key} is not set (??? in the config): add it, e.g. {example[key]}" for key in keys]
+    problems = []
+    for key in _missing(OmegaConf.to_container(cfg, resolve=False)):
+        if key.split(".")[0] != "hydra":
+            example = command_line(f"{key}={EXAMPLES.get(key, '<value>')}")
+            problems.append(f"{key} is not set (??? in the config): add it, e.g. {example}")
+    return problems
 
 
 def config_problems(cfg: DictConfig) -> list[str]:
