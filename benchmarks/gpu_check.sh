@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU paths, checked on a machine with GPUs in a few minutes; appends a dated section to BENCHMARKS.md:
+# The GPU paths, checked on a machine with GPUs (meant to take a few minutes); appends a dated section to BENCHMARKS.md:
 # DDP across the unfreeze on all GPUs, 16-mixed and bf16-mixed, SyncBatchNorm, train.py's fit against a plain
 # loop (ResNet-18, 224 px, batch 256) with and without channels-last and the GPU utilisation, and the headline
 # run: EfficientNet-Lite0 with the MobileNetV2 recipe on all of CIFAR-10 (5 epochs, 224 px) against the blog's
@@ -36,9 +36,10 @@ while (($#)); do
 done
 
 if ((!tiny)); then  # the files a GPU machine cannot download
-    [[ -n $cifar ]] || die "--cifar10 <cifar10-jpg.tar.gz> (or \$CIFAR10_TGZ) is needed: a GPU machine downloads nothing"
+    nothing="a GPU machine downloads nothing"
+    [[ -n $cifar ]] || die "--cifar10 <cifar10-jpg.tar.gz> (or \$CIFAR10_TGZ) is needed: $nothing"
     [[ -f $cifar ]] || die "--cifar10 $cifar: no such file"
-    [[ -n $weights ]] || die "--resnet18 <resnet18-f37072fd.pth> (or \$RESNET18_WEIGHTS) is needed: a GPU machine downloads nothing"
+    [[ -n $weights ]] || die "--resnet18 <resnet18-f37072fd.pth> (or \$RESNET18_WEIGHTS) is needed: $nothing"
     [[ -f $weights ]] || die "--resnet18 $weights: no such file"
     cifar=$(realpath "$cifar") weights=$(realpath "$weights")
 fi
@@ -51,7 +52,7 @@ export FINETUNE_ROOT=$work  # run folders under <work>/logs/, not the project's
 
 gpus=0
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-    gpus=$(nvidia-smi -L | grep -c '^GPU')
+    gpus=$(nvidia-smi -L | grep -c '^GPU') || true
 fi
 if ((gpus == 0 && !tiny && !dry)); then
     die "no GPU here (nvidia-smi finds none): run with --tiny for the same steps on the CPU"
@@ -102,7 +103,7 @@ finish() {  # the section, with whatever steps ran (also after a failure or a ki
         machine="$gpus x $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sort -u |
             paste -sd ';')"
     else
-        machine="no GPU: every step tiny on the CPU (--tiny)"
+        machine="every step tiny on the CPU (--tiny)"
     fi
     {
         echo
@@ -134,7 +135,8 @@ trap finish EXIT
 trap 'exit 143' TERM INT
 
 gpu_utilisation() {  # <sample file>: mean and max over every GPU and sample
-    awk '$1 ~ /^[0-9]+$/ {s += $1; n++; if ($1 > m) m = $1} END {if (n) printf "mean %.0f %%, max %d %%", s / n, m}' "$1"
+    awk '$1 ~ /^[0-9]+$/ {s += $1; n++; if ($1 > m) m = $1}
+        END {if (n) printf "mean %.0f %%, max %d %%", s / n, m}' "$1"
 }
 
 # step <id> <title> <why skipped, or ""> <command...>: run it, log it, record a row
@@ -169,7 +171,8 @@ step() {
     local acc unfrozen usage
     acc=$(grep -o 'Test accuracy: [0-9.]*' "$log" | tail -1 | cut -d' ' -f3) || true
     [[ -n $acc ]] && result+=", test acc $acc"
-    unfrozen=$(grep -o 'Training the top [0-9]* of [0-9]* backbone stages' "$log" | awk '{print $4}' | uniq | paste -sd '>') || true
+    unfrozen=$(grep -o 'Training the top [0-9]* of [0-9]* backbone stages' "$log" | awk '{print $4}' | uniq |
+        paste -sd '>') || true  # under DDP every process logs it
     [[ $unfrozen == *">"* ]] && result+=", trainable stages ${unfrozen//>/ -> }"
     if [[ -n $sampler ]]; then
         usage=$(gpu_utilisation "$work/logs/$id.gpu")
@@ -181,7 +184,9 @@ step() {
     [[ $result == ok* ]] || tail -n 20 "$log"
 }
 
-if ((on_gpu)); then where="on $gpus GPU(s)"; elif ((tiny)); then where="no GPU: tiny, on the CPU"; else where="no GPU here"; fi
+where="no GPU here"
+((tiny)) && where="tiny, on the CPU"
+((on_gpu)) && where="on $gpus GPU(s)"
 echo "GPU check$( ((dry)) && echo ", dry run"): $where; work folder $work"
 
 if ((!dry)); then  # the data
@@ -200,8 +205,9 @@ for split, count in (("train", 8), ("test", 4)):
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             pixels = np.zeros((40, 40, 3))
-            pixels[..., 2 - 2 * index] = 200
-            Image.fromarray(np.clip(pixels + rng.normal(0, 30, pixels.shape), 0, 255).astype("uint8")).save(folder / f"{i}.png")
+            pixels[..., 2 - 2 * index] = 200  # each class a colour, with noise
+            pixels = np.clip(pixels + rng.normal(0, 30, pixels.shape), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(folder / f"{i}.png")
 EOF
     elif [[ ! -d $data/train ]]; then
         echo "Extracting $cifar into $data"

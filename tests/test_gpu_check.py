@@ -78,10 +78,10 @@ def test_the_tiny_run_takes_every_step_on_the_cpu_and_says_so(tmp_path):
     benchmarks_md = BENCHMARKS_MD.read_bytes()
     result = gpu_check("--tiny", "--work", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.startswith(f"GPU check: no GPU: tiny, on the CPU; work folder {tmp_path}\n")
+    assert result.stdout.startswith(f"GPU check: tiny, on the CPU; work folder {tmp_path}\n")
     assert result.stdout.endswith(f"Results appended to {tmp_path}/gpu_check.md (ran on a GPU: no)\n")
     section = (tmp_path / "gpu_check.md").read_text()
-    assert "**Machine:** no GPU: every step tiny on the CPU (--tiny); " in section
+    assert "**Machine:** every step tiny on the CPU (--tiny); " in section
     assert "**Ran on a GPU:** no." in section
     lines = section.splitlines()
     start = lines.index("| step | result | wall s |") + 2
