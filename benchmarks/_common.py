@@ -97,6 +97,8 @@ class StepClock(Callback):
         self.tick()
 
     def tick(self) -> None:
+        if torch.cuda.is_initialized():  # the time the step's kernels end, not when they were queued
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         self.cpu.append(time.process_time())
 
@@ -123,9 +125,10 @@ def machine() -> str:
         platform.processor(),
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    gpus = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"python {sys.version.split()[0]}, load average {load:.1f} at start"
+        f"{gpus}{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, python {sys.version.split()[0]}, load average {load:.1f} at start"
     )
 
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput                          # ResNet-18 and EfficientNet-Lite0, 128 and 224 px
     python -m benchmarks.throughput --models resnet18 --sizes 128 --steps 10 --rounds 3
+    python -m benchmarks.throughput --accelerator gpu --models resnet18 --sizes 224 --batch-size 256 --data <folder>
 
 Both sides train the same architecture with the same weights, data, transforms, batch size, workers and
 optimizer: the fit is built by `finetune.train.build` with the Trainer, callbacks and loggers of the
@@ -9,7 +10,9 @@ config (progress bar off), the plain loop is what d2l's `train_batch_ch13` does 
 (`torchvision`/`timm` with a new classifier): zero_grad, forward, loss, backward, step, and the running
 loss and accuracy. Images/s count the optimizer steps after `--warmup` steps. The two alternate, in
 turn first, for `--rounds` rounds, so load from other jobs falls on both; the ratio is of the medians.
-The same ratio in CPU time of the main process hardly depends on that load.
+The same ratio in CPU time of the main process hardly depends on that load. With `--accelerator gpu` both
+sides train on the GPU (`trainer.precision=16-mixed` or `bf16-mixed` as extra overrides: autocast on both,
+fp16 with a gradient scaler); `--dry-run` only composes each config.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from benchmarks._common import (
 from finetune.builders import build, compose_config
 
 
-def overrides(data: Path, model: str, size: int, batch_size: int, steps: int, extra: list[str]) -> list[str]:
+def overrides(
+    data: Path, model: str, size: int, batch_size: int, steps: int, extra: list[str], accelerator: str = "cpu"
+) -> list[str]:
     return [
         "data=imagefolder",
         f"data.root={data}",
@@ -51,6 +56,7 @@ def overrides(data: Path, model: str, size: int, batch_size: int, steps: int, ex
         f"data.batch_size={batch_size}",
         *MODELS[model],
         *QUIET,
+        f"trainer.accelerator={accelerator}",
         "trainer.max_epochs=1",
         f"++trainer.limit_train_batches={steps}",
         "++trainer.limit_val_batches=0",
@@ -81,7 +87,8 @@ def plain_loop(cfg: DictConfig, steps: int) -> StepClock:
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     datamodule.setup("fit")
-    net = plain_model(cfg, module)
+    device = torch.device("cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    net = plain_model(cfg, module).to(device)
     head = net.get_classifier() if hasattr(net, "get_classifier") else net.fc
     head_ids = {id(p) for p in head.parameters()}
     groups = [
@@ -97,19 +104,24 @@ def plain_loop(cfg: DictConfig, steps: int) -> StepClock:
         shuffle=True,
         num_workers=datamodule.num_workers,
         persistent_workers=datamodule.persistent_workers,
+        pin_memory=datamodule.pin_memory,
     )
-    autocast = torch.autocast("cpu", torch.bfloat16, enabled=cfg.trainer.precision == "bf16-mixed")
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(cfg.trainer.precision))
+    autocast = torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     net.train()
     clock, loss_sum, correct = StepClock(), 0.0, 0
     for step, (images, labels) in enumerate(loader):
         if step == steps:
             break
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad()
         with autocast:
             logits = net(images)
             loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss_sum += loss.item() * len(labels)
         correct += int((logits.argmax(1) == labels).sum())
         clock.tick()
@@ -136,6 +148,8 @@ def measure(cfg: DictConfig, steps: int, warmup: int, rounds: int) -> dict[str, 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = benchmark_parser(__doc__, "extra config overrides for both sides")
     add_speed_arguments(parser, sizes=[128, 224], steps=12, rounds=3)
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where both sides train")
+    parser.add_argument("--dry-run", action="store_true", help="compose every config, measure nothing")
     args = parser.parse_args(argv)
 
     print(f"# Throughput, train.py fit vs plain loop: {machine()}\n")
@@ -145,8 +159,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             for size in args.sizes:
                 steps = args.warmup + args.steps
                 cfg = compose_config(
-                    overrides(args.data, model, size, args.batch_size, steps, args.overrides), Path(tmp)
+                    overrides(args.data, model, size, args.batch_size, steps, args.overrides, args.accelerator),
+                    Path(tmp),
                 )
+                if args.dry_run:
+                    print(f"{model} {size}px: the config composes", flush=True)
+                    continue
                 rates = measure(cfg, steps, args.warmup, args.rounds)
                 med = {side: median(values) for side, values in rates.items()}
                 results.append(
@@ -164,6 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                     }
                 )
                 print(f"{model} {size}px: {rates}", flush=True)
+    if args.dry_run:
+        return results
     headers = ["model", "size", "lightning", "plain", "ratio", "rounds", "CPU-time ratio", "CPU ms/step more"]
     print(
         "\nimages/s (median of rounds); ratio = train.py / plain loop, per round in `rounds`; the same ratio of "

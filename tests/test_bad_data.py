@@ -1,4 +1,5 @@
-"""Bad data: odd image modes become proper RGB; unreadable files stop setup with their names, or are skipped."""
+"""Bad data: odd image modes become proper RGB, photos are turned upright as their EXIF orientation says; unreadable
+files stop setup with their names, or are skipped."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.data.images import ImageFolder, ImageReadError, read_rgb
+from finetune.data.images import ImageFolder, ImageReadError, find_bad_images, read_rgb
+from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, DataError, MissingFileError
 from finetune.models import InputConfig
 from finetune.train import train
@@ -97,6 +100,47 @@ def test_16_bit_png_would_be_clipped_by_a_plain_convert(tmp_path):
     CONVERTIBLE["grey16.png"][0](tmp_path / "grey16.png")
     with Image.open(tmp_path / "grey16.png") as image:
         assert image.mode.startswith("I;16") and image.convert("RGB").getpixel((1, 0)) == (255, 255, 255)
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the stored pixels upright, as a photo viewer does
+UPRIGHT = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}
+
+
+def write_photo(path: Path, orientation: int) -> Image.Image:
+    """A 48x32 JPEG with an EXIF orientation, as a phone stores a photo; returns the upright image a viewer shows."""
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    pixels[:16, :24] = RED  # one coloured corner and a gradient: every rotation and mirror looks different
+    pixels[..., 2] = np.arange(48, dtype=np.uint8)[None, :] * 5
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    with Image.open(path) as stored:  # the stored pixels, decoded as they are
+        return stored.convert("RGB").transpose(UPRIGHT[orientation])
+
+
+@pytest.mark.parametrize("orientation", UPRIGHT)
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    upright = write_photo(tmp_path / "photo.jpg", orientation)
+    assert upright.size == ((48, 32) if orientation == 3 else (32, 48))
+    image = read_rgb(tmp_path / "photo.jpg")
+    assert image.size == upright.size and np.array_equal(np.asarray(image), np.asarray(upright))
+    assert find_bad_images([tmp_path / "photo.jpg"]) == {}  # the fast scan reads it the same way
+
+
+def test_training_and_evaluation_see_photos_upright(tmp_path):
+    make_image_folder(tmp_path, train=2, test=2)
+    upright = {o: write_photo(tmp_path / "test" / "red" / f"photo{o}.jpg", o) for o in UPRIGHT}
+    for orientation in UPRIGHT:
+        write_photo(tmp_path / "train" / "red" / f"photo{orientation}.jpg", orientation)
+    datamodule = ImageFolderDataModule(tmp_path, image_size=32, mean=(0, 0, 0), std=(1, 1, 1), val_fraction=0)
+    datamodule.setup()
+    train_images, test = datamodule.datasets["train"].dataset, datamodule.datasets["test"]
+    for orientation, image in upright.items():
+        name = f"photo{orientation}.jpg"
+        tensor, label = test[[p.name for p, _ in test.dataset.samples].index(name)]  # as evaluation sees it
+        assert label == 1 and torch.equal(tensor, eval_transform(32, (0, 0, 0), (1, 1, 1))(image))
+        read, _ = train_images[[p.name for p, _ in train_images.samples].index(name)]  # before augmentation
+        assert np.array_equal(np.asarray(read), np.asarray(image))
 
 
 def bad_data_folder(root: Path) -> Path:

@@ -1,5 +1,5 @@
 """Bad input gets a clear error and leaves nothing half-written: no network, corrupt downloads, unknown names,
-missing or inconsistent data folders (unreadable images: test_bad_data.py)."""
+values the command line must give, missing or inconsistent data folders (unreadable images: test_bad_data.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 import finetune.data.hotdog
 from finetune.builders import build, build_datamodule
 from finetune.errors import ConfigError, DataError, DownloadError, MissingFileError
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import TINY, compose_train, make_image_folder, run_cli
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -105,6 +105,46 @@ def test_torchvision_weights_put_into_torch_home_are_loaded_exactly(tmp_path, im
     loaded = model.backbone.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_timm_weights_offline_say_where_the_hugging_face_hub_cache_is(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing tries the network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    result = run_cli(
+        ["train.py", "model=timm", "model.name=resnet18", "data=imagefolder", f"data.root={image_folder}"], tmp_path
+    )
+    assert result.returncode == 1, result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert error.startswith(
+        "Error: Could not fetch or read the pretrained weights of 'resnet18' from the Hugging Face hub (timm/resnet18.a1_in1k) ("
+    )
+    assert error.endswith(
+        f"Offline? Put a copy of the hub's timm/resnet18.a1_in1k (its folder models--timm--resnet18.a1_in1k) into "
+        f"{tmp_path}/hf/hub ($HF_HOME/hub, the Hugging Face hub cache), or pass model.weights_path=<state dict file>, "
+        "or strategy.pretrained=false."
+    )
+    assert "Traceback" not in result.output and "TORCH_HOME" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command, key, example",
+    [
+        (["eval.py"], "ckpt_path", "python eval.py 'ckpt_path=logs/train/runs/<timestamp>/checkpoints/last.ckpt'"),
+        (
+            ["train.py", "data=imagefolder", "strategy.pretrained=false"],
+            "data.root",
+            "python train.py data=imagefolder strategy.pretrained=false data.root=/path/to/images",
+        ),
+    ],
+)
+def test_a_value_the_command_must_give_is_named_with_an_example(tmp_path, command, key, example):
+    result = run_cli(command, tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        f"Error: Invalid config:\n  {key} is not set (??? in the config): add it, e.g. {example}\n"
+    ), result.output
+    assert "Traceback" not in result.output and "MissingMandatoryValue" not in result.output
 
 
 @pytest.mark.parametrize("group, listed", [("model", "efficientnet_lite0"), ("data", "synthetic")])

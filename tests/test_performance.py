@@ -125,6 +125,27 @@ def test_key_changes_with_weights_transform_data_and_labels(tmp_path, image_fold
     assert split_key(weights, Transformed(moved, split.indices, split.transform)) != key
 
 
+def test_key_changes_with_the_exif_orientation_alone(tmp_path):
+    """The images are read upright, so a photo whose orientation tag changes is another input: the key hashes
+    the file's bytes, tag included."""
+    keys = []
+    for orientation in (1, 6):
+        root = tmp_path / str(orientation)
+        make_image_folder(root, train=1, test=1)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(np.arange(32 * 48 * 3, dtype=np.uint8).reshape(32, 48, 3)).save(
+            root / "test" / "red" / "photo.jpg", exif=exif
+        )
+        folder = ImageFolder(root / "test")
+        split = Transformed(folder, range(len(folder)), eval_transform(32, (0.5,) * 3, (0.2,) * 3))
+        keys.append(split_key("backbone", split))
+    assert keys[0] != keys[1]
+    assert [p.read_bytes() for p in sorted((tmp_path / "1").rglob("*.png"))] == [
+        p.read_bytes() for p in sorted((tmp_path / "6").rglob("*.png"))
+    ]  # the same data otherwise
+
+
 def test_augmented_views_hold_each_epochs_augmentation(tmp_path, image_folder):
     overrides = [
         "callbacks.feature_cache.enabled=true",

@@ -1,8 +1,10 @@
-"""Exact resume: a run killed mid-epoch (SIGKILL) and resumed ends where an uninterrupted run ends."""
+"""Exact resume: a run killed mid-epoch (SIGKILL) and resumed ends where an uninterrupted run ends; Ctrl-C prints the
+command that resumes the run."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,8 +20,9 @@ from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
+from finetune.run_status import read_status
 from finetune.train import PROJECT_ROOT, train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import TINY, compose_train, make_image_folder, run_cli
 
 STEPS_PER_EPOCH = 6  # 2 classes x 24 images, batch 8
 RUN = [
@@ -188,3 +191,73 @@ def test_ckpt_path_last_auto_and_run_folders(tmp_path):
         resolve_ckpt_path("last", tmp_path / "new_run", tmp_path / "logs" / "other")
     with pytest.raises(MissingFileError, match="run folder has no checkpoints/last.ckpt"):
         resolve_ckpt_path(str(tmp_path), current, task)
+
+
+CTRL_C_AT_START = """
+import os, signal
+
+class CtrlC:
+    \"\"\"Ctrl-C while the run is set up, before Lightning's fit (which handles Ctrl-C itself).\"\"\"
+
+    def __init__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+"""
+
+
+CTRL_C = {"status": "interrupted", "error": "KeyboardInterrupt (Ctrl-C)"}
+
+
+def with_test_modules(root: Path, monkeypatch) -> dict[str, str]:
+    """Commands run now can import the callbacks written into `root` (as +callbacks.<name>); their environment."""
+    (root / "throttle.py").write_text(THROTTLE)
+    (root / "ctrl_c.py").write_text(CTRL_C_AT_START)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), *sys.path]))
+    return {**os.environ, "FINETUNE_ROOT": str(root)}
+
+
+def test_ctrl_c_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
+    args = [
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        *TINY,
+        "strategy.pretrained=false",
+        "trainer.max_epochs=2",
+        "+callbacks.throttle._target_=throttle.Throttle",  # 1 s per step in the last epoch
+    ]
+    env = with_test_modules(tmp_path, monkeypatch)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        output = process.communicate(timeout=120)[0].decode()
+    finally:
+        process.kill()
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert process.returncode == 1, output
+    assert {k: v for k, v in read_status(run).items() if k != "wall_time_s"} == CTRL_C
+    command = f"python train.py {shlex.join(args)} ckpt_path={run}"
+    assert output.endswith(f"Interrupted: resume the run with\n  {command}\n"), output[-2000:]
+
+    resumed = run_cli(shlex.split(command)[1:], tmp_path)
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert f"Resuming from {run}/checkpoints/last.ckpt" in resumed.output and "Test accuracy: " in resumed.output
+    runs = {r: read_status(r)["status"] for r in (tmp_path / "logs" / "train" / "runs").iterdir()}
+    assert sorted(runs.values()) == ["completed", "interrupted"] and runs[run] == "interrupted"  # a folder each
+
+
+def test_ctrl_c_before_the_first_checkpoint_prints_the_command_to_start_again(tmp_path, image_folder, monkeypatch):
+    """Ctrl-C outside Lightning's fit arrives as a KeyboardInterrupt: the same record, the command as it was typed."""
+    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false", "ckpt_path=last"]
+    args.append("+callbacks.ctrl_c._target_=ctrl_c.CtrlC")
+    with_test_modules(tmp_path, monkeypatch)
+    result = run_cli(["train.py", *args], tmp_path)
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert result.returncode == 1, result.output[-3000:]
+    assert {k: v for k, v in read_status(run).items() if k != "wall_time_s"} == CTRL_C
+    assert result.stderr.endswith(
+        f"Interrupted before the run saved a checkpoint: start it again with\n  python train.py {shlex.join(args)}\n"
+    ), result.stderr[-2000:]

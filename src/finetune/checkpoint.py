@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback
 
-from finetune.errors import MissingFileError
+from finetune.errors import DiskFullError, MissingFileError
 
 LAST = "last.ckpt"
 RUN_SETTINGS = "run_settings"  # the checkpoint key of the run's resolved settings (plain containers)
@@ -44,19 +46,60 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")  # a leftover of a killed save is overwritten next time
-        try:
-            with open(partial, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        try:  # a full disk: measured once the partial file is gone
+            try:
+                with open(partial, "wb") as file:
+                    torch.save(checkpoint, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        except Exception as err:
+            if (full := _no_space(err)) is None:
+                raise
+            raise _disk_full(full, checkpoint, path) from err
         folder = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _no_space(err: BaseException | None) -> OSError | None:
+    """The full-disk error behind `err`: torch.save reports a failed write as a RuntimeError of its own."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class _ByteCounter:
+    """A file that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        pass
+
+
+def _disk_full(err: OSError, checkpoint: dict[str, Any], path: Path) -> DiskFullError:
+    """The error a user can act on: where, how much is needed (the checkpoint serialized again, counted) and free."""
+    needed = _ByteCounter()
+    torch.save(checkpoint, needed)
+    free = shutil.disk_usage(path.parent).free
+    return DiskFullError(
+        f"{os.strerror(err.errno)}: cannot save the checkpoint {path.name} in {path.parent}: it needs about "
+        f"{needed.size / 1e6:.1f} MB and {free / 1e6:.1f} MB are free there. The checkpoints already there are whole: "
+        "make room (or write the runs to another disk with paths.log_dir=...), then resume with ckpt_path=last or "
+        "ckpt_path=<the run folder>."
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, task_dir: str | os.PathLike) -> str | None:

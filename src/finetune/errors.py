@@ -32,6 +32,10 @@ class DownloadError(UserError, RuntimeError):
     """Data or weights that could not be fetched or failed their checksum; the message says how to give them locally."""
 
 
+class DiskFullError(UserError, OSError):
+    """No space left where a file is written; the message names the folder, the space needed and the space free."""
+
+
 def instantiate_unwrapped(config: Any, **kwargs: Any) -> Any:
     """Hydra's instantiate, but a UserError raised inside comes out as itself, not wrapped in Hydra's error."""
     try:

@@ -18,6 +18,7 @@ from finetune.errors import MissingFileError, UserError, instantiate_unwrapped
 from finetune.models.backbones import load_checkpoint_file, load_state_dict_file
 from finetune.models.module import FineTuneModule
 from finetune.train import CONFIG_DIR
+from finetune.validation import missing_values, validate
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def rebuild(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModul
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    validate(cfg, missing_values)
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     if not ckpt_path.is_file():
         raise MissingFileError(f"ckpt_path: no such file: {ckpt_path}")

@@ -1,15 +1,21 @@
-"""Each run's outcome in its folder (`status.json`), so a sweep's report lists failed jobs beside finished ones."""
+"""Each run's outcome in its folder (`status.json`), so a sweep's report lists failed jobs beside finished ones; the
+command line that runs it again."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
+
+from finetune.checkpoint import LAST
 
 STATUS_FILE = "status.json"
 
@@ -24,7 +30,8 @@ def recorded(run_dir: str | os.PathLike) -> Iterator[None]:
     except BaseException as err:
         record = {
             "status": "failed" if isinstance(err, Exception) else "interrupted",
-            "error": f"{type(err).__name__}: {err}",
+            # Lightning turns Ctrl-C into SystemExit(1): both read the same here
+            "error": "KeyboardInterrupt (Ctrl-C)" if interrupted(err) else f"{type(err).__name__}: {err}",
         }
         raise
     finally:
@@ -38,3 +45,26 @@ def read_status(run_dir: str | os.PathLike) -> dict[str, object]:
     """The recorded outcome, or `{}` for a run that wrote none (still running, killed, or older code)."""
     path = Path(run_dir) / STATUS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def command_line(*extra: str) -> str:
+    """This run's command as it was typed (`python train.py` and Hydra's overrides), with `extra` overrides
+    replacing those of the same keys."""
+    keys = {override.split("=", 1)[0].lstrip("+~") for override in extra}
+    typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [override for override in typed if override.split("=", 1)[0].lstrip("+~") not in keys]
+    return shlex.join(["python", sys.argv[0], *kept, *extra])
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or the SystemExit(1) that Lightning's fit and test turn it into."""
+    return isinstance(err, KeyboardInterrupt) or (
+        isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
+    )
+
+
+def resume_hint(run_dir: str | os.PathLike) -> str:
+    """What to type after Ctrl-C: the same command, resumed from the run's last.ckpt if it saved one."""
+    if (Path(run_dir) / "checkpoints" / LAST).is_file():
+        return f"Interrupted: resume the run with\n  {command_line(f'ckpt_path={run_dir}')}"
+    return f"Interrupted before the run saved a checkpoint: start it again with\n  {command_line()}"

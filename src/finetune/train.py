@@ -14,13 +14,14 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer, run_settings
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.errors import UserError
 from finetune.run_dirs import unique_dir
-from finetune.run_status import recorded
+from finetune.run_status import interrupted, recorded, resume_hint
 from finetune.validation import validate
 
 os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
@@ -99,6 +100,10 @@ def main(cfg: DictConfig) -> float | None:
         # One failed job must not end the sweep: it is in the run's status.json and the report.
         log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, err, exc_info=not user_error)
         return None  # not a number: Optuna records a failed trial
+    except BaseException as err:  # Ctrl-C: recorded as interrupted; say how to go on
+        if not interrupted(err):
+            raise
+        sys.exit(resume_hint(cfg.paths.output_dir) if rank_zero_only.rank == 0 else 1)
     if multirun:
         log.info("job %s: %s", HydraConfig.get().job.num, {k: round(v, 4) for k, v in metrics.items()})
     return metrics.get(cfg.get("optimized_metric"))

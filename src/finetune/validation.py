@@ -7,9 +7,12 @@ the key to change.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import ConfigError
+from finetune.run_status import command_line
 
 # Every backbone here (ResNet, MobileNetV2, EfficientNet) shrinks its input 32x: below 32 px the last
 # stage sees less than one pixel.
@@ -21,6 +24,8 @@ POSITIVE = (
     "strategy.layer_decay",
     "data.batch_size",
 )
+# What the values a command must give (??? in conf/) look like, for the example command of their error
+EXAMPLES = {"data.root": "/path/to/images", "ckpt_path": "logs/train/runs/<timestamp>/checkpoints/last.ckpt"}
 
 
 def _late_unfreezing(cfg: DictConfig) -> str | None:
@@ -35,9 +40,31 @@ def _late_unfreezing(cfg: DictConfig) -> str | None:
     )
 
 
+def _missing(value: object, key: str = "") -> Iterator[str]:
+    """The keys whose value is `???` in a plain container (OmegaConf.missing_keys resolves every interpolation)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _missing(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _missing(item, f"{key}[{index}]")
+    elif value == "???":
+        yield key
+
+
+def missing_values(cfg: DictConfig) -> list[str]:
+    """Every value the command line must give (`???` in the config), with a command that gives it."""
+    problems = []
+    for key in _missing(OmegaConf.to_container(cfg, resolve=False)):
+        if key.split(".")[0] != "hydra":
+            example = command_line(f"{key}={EXAMPLES.get(key, '<value>')}")
+            problems.append(f"{key} is not set (??? in the config): add it, e.g. {example}")
+    return problems
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Everything wrong with a composed train config, one line each."""
-    problems = [
+    problems = missing_values(cfg) + [
         f"{key}={value} must be > 0"
         for key in POSITIVE
         if (value := OmegaConf.select(cfg, key)) is not None and not value > 0
@@ -56,7 +83,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raises one ConfigError that lists every problem of the config."""
-    if problems := config_problems(cfg):
+def validate(cfg: DictConfig, rules: Callable[[DictConfig], list[str]] = config_problems) -> None:
+    """Raises one ConfigError that lists every problem of the config (`missing_values` for eval.py's)."""
+    if problems := rules(cfg):
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))

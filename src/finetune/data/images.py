@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from finetune.errors import DataError, MissingFileError
@@ -48,15 +48,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _decode(path: str | Path, reduced: bool = False) -> Image.Image:
+    """The image upright: phones and cameras store photos as the sensor saw them, with an EXIF orientation
+    that viewers apply; the scan (`reduced`) applies it too, so it fails wherever the full read would."""
     with _open(path) as image:
         if reduced:
             image.draft(None, (1, 1))  # JPEG only: decode at 1/8 size, which still reads every byte
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """Decodes any PIL-readable image to 3-channel 8-bit RGB (see `to_rgb`)."""
+    """Decodes any PIL-readable image to 3-channel 8-bit RGB (see `to_rgb`), turned upright by its EXIF orientation."""
     try:
         return _decode(path)
     except Exception as err:

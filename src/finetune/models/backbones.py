@@ -215,13 +215,25 @@ def _hub_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
-def _download_error(name: str, url: str, err: Exception) -> DownloadError:
-    cache = _hub_file(url)
+def _download_error(name: str, source: str, err: Exception, where: str) -> DownloadError:
+    """`where`: the place to put the weights that the library looks at first."""
     return DownloadError(
-        f"Could not fetch or read the pretrained weights of '{name}' from {url} ({_reason(err)}). "
-        f"Offline? Put the file at {cache} ($TORCH_HOME/hub/checkpoints/{Path(url).name}), "
-        "or pass model.weights_path=<state dict file>, or strategy.pretrained=false."
+        f"Could not fetch or read the pretrained weights of '{name}' from {source} ({_reason(err)}). "
+        f"Offline? {where}, or pass model.weights_path=<state dict file>, or strategy.pretrained=false."
     )
+
+
+def _torch_hub_place(url: str) -> str:
+    return f"Put the file at {_hub_file(url)} ($TORCH_HOME/hub/checkpoints/{Path(url).name})"
+
+
+def _hf_hub_place(repo: str) -> str:
+    """timm takes weights with a `hf_hub_id` from the Hugging Face hub's cache, not from $TORCH_HOME."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = repo_folder_name(repo_id=repo, repo_type="model")
+    return f"Put a copy of the hub's {repo} (its folder {folder}) into {HF_HUB_CACHE} ($HF_HOME/hub, the Hugging Face hub cache)"
 
 
 def torchvision_backbone(name: str, pretrained: bool = True, weights_path: str | None = None) -> Backbone:
@@ -239,7 +251,7 @@ def torchvision_backbone(name: str, pretrained: bool = True, weights_path: str |
         try:  # a file the user put into $TORCH_HOME/hub/checkpoints is loaded as is: weights only
             state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except (OSError, RuntimeError, pickle.UnpicklingError) as err:  # URLError is an OSError
-            raise _download_error(name, weights.url, err) from err
+            raise _download_error(name, weights.url, err, _torch_hub_place(weights.url)) from err
         _load_weights(model, state, (), str(_hub_file(weights.url)))
     return Backbone(split(model), num_features)
 
@@ -299,8 +311,11 @@ def timm_backbone(
         try:
             timm.models.load_pretrained(model)
         except Exception as err:  # hub errors vary: HTTP, offline mode, missing files
-            url = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url", "?")
-            raise _download_error(name, str(url), err) from err
+            repo, url = model.pretrained_cfg.get("hf_hub_id"), str(model.pretrained_cfg.get("url", "?"))
+            source, where = (
+                (f"the Hugging Face hub ({repo})", _hf_hub_place(repo)) if repo else (url, _torch_hub_place(url))
+            )
+            raise _download_error(name, source, err, where) from err
     model.reset_classifier(0)
     stages = _split_timm(model)
     if len(stages) > 1 and not _is_sequential_split(model, stages, min(model.pretrained_cfg["input_size"][-1], 64)):
