@@ -132,13 +132,14 @@ def test_training_and_evaluation_see_photos_upright(tmp_path):
     upright = {o: write_photo(tmp_path / "test" / "red" / f"photo{o}.jpg", o) for o in UPRIGHT}
     for orientation in UPRIGHT:
         write_photo(tmp_path / "train" / "red" / f"photo{orientation}.jpg", orientation)
-    datamodule = ImageFolderDataModule(tmp_path, image_size=32, mean=(0, 0, 0), std=(1, 1, 1), val_fraction=0)
+    config = InputConfig(32, (0, 0, 0), (1, 1, 1))
+    datamodule = ImageFolderDataModule(config, tmp_path, val_fraction=0)
     datamodule.setup()
     train_images, test = datamodule.datasets["train"].dataset, datamodule.datasets["test"]
     for orientation, image in upright.items():
         name = f"photo{orientation}.jpg"
         tensor, label = test[[p.name for p, _ in test.dataset.samples].index(name)]  # as evaluation sees it
-        assert label == 1 and torch.equal(tensor, eval_transform(32, (0, 0, 0), (1, 1, 1))(image))
+        assert label == 1 and torch.equal(tensor, eval_transform(config)(image))
         read, _ = train_images[[p.name for p, _ in train_images.samples].index(name)]  # before augmentation
         assert np.array_equal(np.asarray(read), np.asarray(image))
 

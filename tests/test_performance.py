@@ -138,7 +138,7 @@ def test_key_changes_with_the_exif_orientation_alone(tmp_path):
             root / "test" / "red" / "photo.jpg", exif=exif
         )
         folder = ImageFolder(root / "test")
-        split = Transformed(folder, range(len(folder)), eval_transform(32, (0.5,) * 3, (0.2,) * 3))
+        split = Transformed(folder, range(len(folder)), eval_transform(InputConfig(32, (0.5,) * 3, (0.2,) * 3)))
         keys.append(split_key("backbone", split))
     assert keys[0] != keys[1]
     assert [p.read_bytes() for p in sorted((tmp_path / "1").rglob("*.png"))] == [
