@@ -73,15 +73,20 @@ class ResumableLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing runs until the first batch is asked for, after Lightning's set_epoch.
         resume, self._resume = self._resume, None
-        same_epoch = resume is not None and resume["epoch"] == self.sampler.epoch
+        same_epoch = resume is not None and resume["epoch"] == self._epoch
         self.batches = resume["batches"] if same_epoch else 0
-        self.sampler.start = self.batches * self.batch_size
+        if isinstance(self.sampler, SeededSampler):  # Lightning's overfit_batches swaps in a plain sampler
+            self.sampler.start = self.batches * self.batch_size
         for batch in super().__iter__():
             self.batches += 1
             yield batch
 
+    @property
+    def _epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self.batches}
+        return {"epoch": self._epoch, "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state)
