@@ -100,11 +100,17 @@ def test_flip_tta_is_the_mean_of_both_views():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     images = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
-        plain = (model(images) / 2.0).softmax(dim=1)
-        flipped = (model(images.flip(-1)) / 2.0).softmax(dim=1)
-        assert not torch.allclose(plain, flipped)  # the model is not flip-invariant, so the test can fail
-        assert torch.allclose(analysis.softmax_probs(model, images, 2.0, tta="flip"), (plain + flipped) / 2, atol=1e-6)
-        assert torch.allclose(analysis.softmax_probs(model, images, 2.0), plain, atol=1e-6)
+        plain, flipped = model(images), model(images.flip(-1))
+        assert not torch.allclose(plain.softmax(dim=1), flipped.softmax(dim=1))  # not flip-invariant: can fail
+        mean = (plain.softmax(dim=1) + flipped.softmax(dim=1)) / 2
+        logits = analysis.tta_logits(model, images, tta="flip")
+        assert torch.allclose(logits.softmax(dim=1), mean, atol=1e-6)  # the logits of the mean prediction
+        assert torch.allclose(analysis.softmax_probs(model, images, tta="flip"), mean, atol=1e-6)
+        # a temperature divides those logits, as it divides plain ones
+        assert torch.allclose(analysis.softmax_probs(model, images, 2.0, "flip"), (logits / 2).softmax(dim=1))
+        assert torch.allclose(analysis.softmax_probs(model, images, 2.0), (plain / 2).softmax(dim=1), atol=1e-6)
+    with pytest.raises(ConfigError, match="eval.tta: unknown test-time augmentation 'five_crop'"):
+        analysis.check_tta("five_crop", "eval.tta")
     with pytest.raises(ConfigError, match="tta"):
         analysis.softmax_probs(model, images, tta="five_crop")
 
@@ -123,7 +129,9 @@ def test_report_writes_its_figures_csv_and_markdown(tmp_path):
         Image.new("RGB", (64 if index % 2 else 300, 48), colours[label]).save(paths[-1])
     images = [Image.open(p) if i < 4 else p for i, p in enumerate(paths)]  # PIL images and file paths alike
     out = tmp_path / "eval"
-    text = analysis.write_report(out, LOGITS, LABELS, CLASSES, images=images, temperature=1.5)
+    notes = ["checkpoint: last.ckpt"]
+    report = analysis.write_report(out, LOGITS, LABELS, CLASSES, image=images.__getitem__, temperature=1.5, notes=notes)
+    text = report.text
 
     for name in ("confusion_matrix.png", "reliability.png", "top_errors.png"):
         with Image.open(out / name) as figure:
@@ -143,13 +151,22 @@ def test_report_writes_its_figures_csv_and_markdown(tmp_path):
     assert "| dog | 0.333 | 0.500 | 0.400 | 2 |" in text
     after = analysis.expected_calibration_error((LOGITS / 1.5).softmax(dim=1), LABELS)
     assert f"0.344 before, {after:.3f} after temperature scaling (T = 1.500)" in text
+    assert text.startswith("# Evaluation\n\n- checkpoint: last.ckpt\n\n| metric | value |")
+    assert report.scalars == pytest.approx(
+        {"macro_f1": (0.8 + 0.4 + 2 / 3) / 3, "balanced_acc": 11 / 18, "ece": 0.34375, "ece_calibrated": after}
+    )
+    assert sorted(report.figures) == ["confusion_matrix.png", "reliability.png", "top_errors.png"]
     for link in ("(confusion_matrix.png)", "(confusion_matrix.csv)", "(reliability.png)", "(top_errors.png)"):
         assert link in text
 
 
 def test_report_without_errors_or_images_leaves_out_the_error_grid(tmp_path):
     labels = PROBS.argmax(dim=1)  # every prediction right
-    text = analysis.write_report(tmp_path, LOGITS, labels, CLASSES, images=[tmp_path / "never-read.png"] * 8)
+
+    def never_read(index: int) -> None:
+        raise AssertionError(f"image {index} read, but no prediction is wrong")
+
+    text = analysis.write_report(tmp_path, LOGITS, labels, CLASSES, image=never_read).text
     assert "| accuracy | 1.0000 |" in text and "after temperature scaling" not in text
     assert not (tmp_path / "top_errors.png").exists() and "top_errors" not in text
     assert (tmp_path / "reliability.png").is_file()

@@ -59,7 +59,7 @@ def test_tensorboard_events_hold_the_logged_scalars(trained_run):
 
 def test_eval_reproduces_the_test_accuracy_of_the_checkpoint(trained_run, tmp_path):
     run, output = trained_run
-    result = run_cli(["eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.accelerator=cpu"], tmp_path)
+    result = run_cli(["eval.py", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"], tmp_path)
     assert result.returncode == 0, result.output
     assert printed_accuracy(result.output) == printed_accuracy(output)
 

@@ -17,7 +17,7 @@ from finetune.data.images import IMAGE_EXTENSIONS, read_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
-from finetune.models.backbones import timm_backbone
+from finetune.models.backbones import timm_backbone, timm_input_config
 from finetune.train import PROJECT_ROOT
 from tests.helpers import tiny_classifier, tiny_meta
 
@@ -35,14 +35,8 @@ def efficientnet() -> tuple[nn.Module, dict]:
     backbone.frozen_stages = 2
     backbone.to(memory_format=torch.channels_last)
     model = nn.Sequential(backbone, nn.Linear(backbone.num_features, 2))
-    config = backbone.input_config
-    meta = {
-        **tiny_meta(64, temperature=1.3),
-        "classes": ["hotdog", "not-hotdog"],
-        "mean": config.mean,
-        "std": config.std,
-    }
-    return model, meta
+    config = timm_input_config("tf_efficientnet_lite0").overridden(image_size=64)
+    return model, {"classes": ["hotdog", "not-hotdog"], **config.to_dict(), "temperature": 1.3}
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +98,10 @@ def test_missing_sidecar_or_file_is_named(tmp_path):
 
 def test_the_docstring_snippet_classifies_a_jpeg_as_the_model_does(tmp_path, monkeypatch, capsys):
     (snippet,) = re.findall(r"```python\n(.*?)```", export.__doc__, flags=re.S)
-    assert len(snippet.strip().splitlines()) <= 12
-    model, meta = (
-        tiny_classifier(),
-        tiny_meta(image_size=49, temperature=2.0),
-    )  # resize 56: margin 7, crop at 4 (round), not 3
+    assert len([line for line in snippet.splitlines() if line.strip()]) <= 12
+    # 120 x 90 px -> the short side 56 (round(49 / 0.875)), the long side int(74.67) = 74; the 49 px crop then
+    # starts at round(12.5) = 12 from the left and round(3.5) = 4 from the top, as torchvision rounds
+    model, meta = tiny_classifier(), tiny_meta(image_size=49, temperature=2.0)
     export.export_onnx(model, meta, tmp_path / "model.onnx")
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, 120)[None, :, None] * np.array([1, 0, -1]) + np.array([0, 120, 255])  # crop-sensitive

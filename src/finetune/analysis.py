@@ -1,7 +1,7 @@
 """Error analysis of a classifier from its logits: per-class metrics, calibration, figures and `eval.md`.
 
-Everything here takes logits (or probabilities) and labels, not a model or a Trainer, so it runs on what
-an evaluation loop gathered. The metrics come from torchmetrics; figures are built without pyplot (Agg
+Everything but the test-time augmentation (`tta_logits`) takes logits (or probabilities) and labels, not a
+model or a Trainer, so it runs on what an evaluation loop gathered. The metrics come from torchmetrics; figures are built without pyplot (Agg
 canvas, as in `finetune.report`), so this runs headless.
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from torchmetrics.functional.classification import (
 from finetune.data.images import read_rgb
 from finetune.errors import ConfigError
 from finetune.report import markdown_table
+
+if TYPE_CHECKING:  # tensorboard is imported only by those who write to it
+    from torch.utils.tensorboard import SummaryWriter
 
 TTA_MODES = ("none", "flip")
 ANNOTATE_UP_TO = 25  # classes; beyond that a confusion matrix's cells are too small for numbers
@@ -144,14 +148,27 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     return float(log_t.detach().exp())
 
 
+def check_tta(mode: str, key: str = "tta") -> str:
+    """`mode` if it is a known test-time augmentation, else a ConfigError naming `key`."""
+    if mode not in TTA_MODES:
+        raise ConfigError(f"{key}: unknown test-time augmentation '{mode}', expected one of {', '.join(TTA_MODES)}")
+    return mode
+
+
+def tta_logits(model: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits (float32); with `tta="flip"` the log of the mean softmax of the batch and its horizontal
+    flip (one forward pass of both views): the logits of the averaged prediction, so a temperature fitted on them
+    (`fit_temperature`) calibrates what is predicted. Runs the model as it is: put it in eval mode first."""
+    check_tta(tta)
+    if tta == "none":
+        return model(images).float()
+    views = model(torch.cat([images, images.flip(-1)])).float().log_softmax(dim=1)
+    return views.unflatten(0, (2, len(images))).logsumexp(dim=0) - math.log(2)
+
+
 def softmax_probs(model: nn.Module, images: torch.Tensor, temperature: float = 1.0, tta: str = "none") -> torch.Tensor:
-    """softmax(model(images) / temperature); with `tta="flip"` the mean of that over the batch and its
-    horizontal flip (one forward pass of both views). Runs the model as it is: put it in eval mode first."""
-    if tta not in TTA_MODES:
-        raise ConfigError(f"tta: unknown mode '{tta}', expected one of {', '.join(TTA_MODES)}")
-    views = images if tta == "none" else torch.cat([images, images.flip(-1)])
-    probs = (model(views).float() / temperature).softmax(dim=1)
-    return probs.unflatten(0, (-1, len(images))).mean(dim=0)
+    """softmax(tta_logits / temperature): the probabilities a prediction reports."""
+    return (tta_logits(model, images, tta) / temperature).softmax(dim=1)
 
 
 def most_confident_errors(probs: torch.Tensor, labels: torch.Tensor, k: int) -> list[int]:
@@ -206,14 +223,14 @@ def _thumbnail(image: Image.Image | str | os.PathLike, size: int = 256) -> Image
 
 
 def plot_top_errors(
-    images: Sequence[Image.Image | str | os.PathLike],
+    image: Callable[[int], Image.Image | str | os.PathLike],
     probs: torch.Tensor,
     labels: torch.Tensor,
     classes: Sequence[str],
     k: int = 9,
 ) -> Figure | None:
     """The `k` most confidently wrong images in a grid, each titled true / predicted (probability), as fastai's
-    `plot_top_losses`. `images[i]` is image i (PIL or a file path); only the shown ones are read. None if no error."""
+    `plot_top_losses`. `image(i)` gives image i (PIL or a file path); only the shown ones are read. None if no error."""
     shown = most_confident_errors(probs, labels, k)
     if not shown:
         return None
@@ -223,7 +240,7 @@ def plot_top_errors(
     axes = np.atleast_1d(fig.subplots(grid_rows, columns)).flatten()
     confidence, predicted = probs.max(dim=1)
     for ax, index in zip(axes, shown, strict=False):
-        ax.imshow(_thumbnail(images[index]))
+        ax.imshow(_thumbnail(image(index)))
         true, guess = classes[int(labels[index])], classes[int(predicted[index])]
         ax.set_title(f"true: {true}\npredicted: {guess} ({float(confidence[index]):.2f})", fontsize="small")
     for ax in axes:
@@ -270,40 +287,70 @@ def _table(metrics: ClassificationMetrics) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Report:
+    """What `write_report` wrote: eval.md's text, the metrics, the ECE after temperature scaling, the figures."""
+
+    text: str
+    metrics: ClassificationMetrics
+    ece_calibrated: float | None
+    figures: dict[str, Figure]  # by file name
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        """The figures beside accuracy (which an evaluation loop reports itself), by TensorBoard name."""
+        values = {
+            "macro_f1": self.metrics.macro_f1,
+            "balanced_acc": self.metrics.balanced_accuracy,
+            "ece": self.metrics.ece,
+        }
+        return values if self.ece_calibrated is None else values | {"ece_calibrated": self.ece_calibrated}
+
+    def add_figures(self, writer: SummaryWriter, prefix: str, step: int = 0) -> None:
+        """Each figure as a TensorBoard image `<prefix>/<file stem>` (e.g. `test/confusion_matrix`)."""
+        for name, figure in self.figures.items():
+            writer.add_figure(f"{prefix}/{Path(name).stem}", figure, step)
+
+
 def write_report(
     output_dir: str | os.PathLike,
     logits: torch.Tensor,
     labels: torch.Tensor,
     classes: Sequence[str],
-    images: Sequence[Image.Image | str | os.PathLike] | None = None,
+    image: Callable[[int], Image.Image | str | os.PathLike] | None = None,
     temperature: float | None = None,
+    notes: Sequence[str] = (),
     bins: int = 15,
     top_errors: int = 9,
-) -> str:
-    """Writes `eval.md`, `confusion_matrix.png/.csv`, `reliability.png` and, given the images (PIL or paths, in
-    the order of `logits`), `top_errors.png` into `output_dir`; returns eval.md's text. With `temperature`
-    (fitted on validation logits) the ECE and reliability diagram are shown before and after scaling."""
+) -> Report:
+    """Writes `eval.md`, `confusion_matrix.png/.csv`, `reliability.png` and, given `image` (`image(i)`: image i in
+    the order of `logits`, PIL or a path), `top_errors.png` into `output_dir`. With `temperature` (fitted on
+    validation logits) the ECE and reliability diagram are shown before and after scaling. `notes` are listed
+    under the title (what was evaluated, and how)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(logits, labels, classes, bins)
     diagrams = {f"uncalibrated: ECE {metrics.ece:.3f}": metrics.reliability}
-    ece = f"{metrics.ece:.3f}"
+    ece, after = f"{metrics.ece:.3f}", None
     if temperature is not None:
         scaled = (logits.float() / temperature).softmax(dim=1)
         after = expected_calibration_error(scaled, labels, bins)
         diagrams[f"T = {temperature:.2f}: ECE {after:.3f}"] = reliability_bins(scaled, labels, bins)
         ece = f"{metrics.ece:.3f} before, {after:.3f} after temperature scaling (T = {temperature:.3f})"
-    figures = [
-        (
-            "confusion_matrix.png",
-            "Confusion matrix ([CSV](confusion_matrix.csv))",
-            plot_confusion_matrix(metrics.confusion, classes),
-        ),
-        ("reliability.png", "Reliability diagram", plot_reliability(diagrams)),
-    ]
-    if images is not None:
-        errors = plot_top_errors(images, logits.float().softmax(dim=1), labels, classes, top_errors)
-        figures.append(("top_errors.png", "Most confidently wrong", errors))
+    figures = {
+        "confusion_matrix.png": plot_confusion_matrix(metrics.confusion, classes),
+        "reliability.png": plot_reliability(diagrams),
+    }
+    captions = {
+        "confusion_matrix.png": "Confusion matrix ([CSV](confusion_matrix.csv))",
+        "reliability.png": "Reliability diagram",
+        "top_errors.png": "Most confidently wrong",
+    }
+    errors = None
+    if image is not None:  # None too when no prediction is wrong
+        errors = plot_top_errors(image, logits.float().softmax(dim=1), labels, classes, top_errors)
+    if errors is not None:
+        figures["top_errors.png"] = errors
     write_confusion_csv(metrics.confusion, classes, output_dir / "confusion_matrix.csv")
     summary = [
         ["images", str(len(labels))],
@@ -312,11 +359,11 @@ def write_report(
         ["balanced accuracy", f"{metrics.balanced_accuracy:.4f}"],
         [f"ECE ({bins} bins)", ece],
     ]
-    parts = ["# Evaluation", "", markdown_table(["metric", "value"], summary), "", "## Per class", "", _table(metrics)]
-    for name, caption, figure in figures:
-        if figure is not None:  # no wrong prediction: no top_errors.png
-            figure.savefig(output_dir / name, dpi=100)
-            parts += ["", f"## {caption}", "", f"![{name}]({name})"]
+    parts = ["# Evaluation", "", *(f"- {note}" for note in notes), *([""] if notes else [])]
+    parts += [markdown_table(["metric", "value"], summary), "", "## Per class", "", _table(metrics)]
+    for name, figure in figures.items():
+        figure.savefig(output_dir / name, dpi=100)
+        parts += ["", f"## {captions[name]}", "", f"![{name}]({name})"]
     text = "\n".join(parts) + "\n"
     (output_dir / "eval.md").write_text(text)
-    return text
+    return Report(text, metrics, after, figures)

@@ -1,4 +1,5 @@
-"""Everything a run is built of, in one direction: config -> backbone metadata -> data -> model -> trainer.
+"""Everything a run is built of, in one direction: config -> backbone metadata -> data -> model -> trainer;
+and the model and data of a checkpoint, rebuilt from the settings stored in it (`rebuild`).
 
 `train.py`, `eval.py`, the tests and the benchmarks all build through these functions, so there is one way
 to make each piece (as lightning-hydra-template's `instantiate_callbacks` / `instantiate_loggers`).
@@ -6,6 +7,7 @@ to make each piece (as lightning-hydra-template's `instantiate_callbacks` / `ins
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +22,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from finetune.checkpoint import RunSettings
+from finetune.checkpoint import RUN_SETTINGS, RunSettings
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.errors import instantiate_unwrapped
+from finetune.errors import MissingFileError, instantiate_unwrapped
 from finetune.finetuning import StageUnfreezing
+from finetune.models.backbones import load_checkpoint_file, load_state_dict_file
 from finetune.models.module import FineTuneModule
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
@@ -106,3 +111,50 @@ def compose_config(overrides: Sequence[str], root: str | os.PathLike, task: str 
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(root) / "run")
     return cfg
+
+
+# Overrides of older runs whose keys have moved since, as the current configs spell them.
+MOVED_KEYS = {
+    "model.pretrained": "strategy.pretrained",
+    "strategy.unfreeze_at_epoch": "strategy.unfreeze_at",
+    "strategy.cache_features": "callbacks.feature_cache.enabled",
+}
+
+
+def _current(override: str) -> str:
+    key, _, value = override.partition("=")
+    if key == "strategy.unfreeze_at_epoch":
+        value = f"[{value}]"
+    return f"{MOVED_KEYS.get(key, key)}={value}"
+
+
+def run_overrides(ckpt_path: Path) -> list[str]:
+    """The command-line overrides of the run that wrote `<run>/checkpoints/<file>.ckpt`."""
+    overrides = ckpt_path.resolve().parent.parent / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        raise MissingFileError(
+            f"{ckpt_path} holds no run settings (written by an older version) and {overrides} is not there: "
+            "evaluate it inside its train.py run folder"
+        )
+    return [_current(str(o)) for o in OmegaConf.load(overrides) if not str(o).startswith(("hydra.", "ckpt_path="))]
+
+
+def _from_run_folder(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModule, FineTuneModule]:
+    """A checkpoint of an older version: the run's overrides replayed against today's `conf/`."""
+    log.warning("%s holds no run settings (an older version wrote it): rebuilding from its run folder", ckpt_path)
+    cfg = compose("train", overrides=[*run_overrides(ckpt_path), "strategy.pretrained=false", *overrides])
+    datamodule, model = build(cfg)
+    model.load_state_dict(load_state_dict_file(ckpt_path, key="ckpt_path"))
+    return datamodule, model
+
+
+def rebuild(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModule, FineTuneModule]:
+    """The model a checkpoint holds and the data of its run (with `overrides` of `data.*`), from the settings
+    stored in it: no config is read, nothing is downloaded. A checkpoint of an older version, which holds no
+    settings, is rebuilt from its run folder's overrides with a warning (needs Hydra initialised, as the CLIs are)."""
+    settings = load_checkpoint_file(ckpt_path, key="ckpt_path").get(RUN_SETTINGS)
+    if settings is None:
+        return _from_run_folder(ckpt_path, overrides)
+    model = FineTuneModule.from_checkpoint(ckpt_path)
+    data = OmegaConf.merge(OmegaConf.create(settings), OmegaConf.from_dotlist(overrides)).data
+    return instantiate_unwrapped(data, input_config=model.input_config, _convert_="object"), model

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from finetune.analysis import write_report
 
 
 class FiniteLoss(Callback):
@@ -44,3 +49,50 @@ class FiniteLoss(Callback):
                 f"{len(bad)} weight tensors are not finite ({', '.join(bad[:3])}): training diverged. "
                 "Lower optimizer.lr or the lr multipliers; the checkpoints saved before are intact."
             )
+
+
+class ErrorAnalysis(Callback):
+    """After `trainer.test` (the end of train.py): `finetune.analysis.write_report` of the test logits into
+    `output_dir` (eval.md, confusion matrix, reliability diagram, most confidently wrong images), its macro-F1,
+    balanced accuracy and ECE logged beside test/acc (so they reach the HPARAMS tab), its figures to TensorBoard.
+
+    The logits are those `test_step` returns, so this costs no second pass over the test split.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = Path(output_dir)
+        self.logits: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.logits, self.labels = [], []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.logits.append(outputs.float())
+        self.labels.append(batch[1])
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
+        self.logits, self.labels = [], []
+        dataset = trainer.test_dataloaders.dataset
+        if trainer.world_size > 1:  # DistributedSampler without shuffling: rank r holds r, r + W, ..., padded
+            logits, labels = (
+                pl_module.all_gather(t).transpose(0, 1).flatten(0, 1)[: len(dataset)] for t in (logits, labels)
+            )
+        if not trainer.is_global_zero:
+            return
+        # `image` is there unless the split is cached features (finetune.caching): then no grid of images
+        image = getattr(dataset, "image", None)
+        report = write_report(self.output_dir, logits.cpu(), labels.cpu(), pl_module.classes, image=image)
+        pl_module.log_dict({f"test/{name}": value for name, value in report.scalars.items()}, rank_zero_only=True)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                report.add_figures(logger.experiment, "test", trainer.global_step)

@@ -1,81 +1,102 @@
-"""The evaluation task: test a checkpoint on its run's data, rebuilt from the checkpoint alone."""
+"""The evaluation task: test a checkpoint on its run's data, rebuilt from the checkpoint alone, and analyse the errors."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose
-from lightning.pytorch.callbacks import RichProgressBar
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import track
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 
-from finetune.builders import build, build_trainer
-from finetune.checkpoint import RUN_SETTINGS
-from finetune.data.datamodule import ImageFolderDataModule
-from finetune.errors import MissingFileError, UserError, instantiate_unwrapped
-from finetune.models.backbones import load_checkpoint_file, load_state_dict_file
+from finetune.analysis import check_tta, fit_temperature, tta_logits, write_report
+from finetune.builders import rebuild
+from finetune.checkpoint import AtomicCheckpointIO
+from finetune.errors import MissingFileError, UserError
+from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
+from finetune.predict import default_device
 from finetune.train import CONFIG_DIR
 from finetune.validation import missing_values, validate
 
-log = logging.getLogger(__name__)
 
-# Overrides of older runs whose keys have moved since, as the current configs spell them.
-MOVED_KEYS = {
-    "model.pretrained": "strategy.pretrained",
-    "strategy.unfreeze_at_epoch": "strategy.unfreeze_at",
-    "strategy.cache_features": "callbacks.feature_cache.enabled",
-}
+def run_folder(ckpt_path: Path) -> Path:
+    """The run a checkpoint belongs to (`<run>/checkpoints/<file>`), or the folder it was moved into."""
+    folder = ckpt_path.resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
 
 
-def _current(override: str) -> str:
-    key, _, value = override.partition("=")
-    if key == "strategy.unfreeze_at_epoch":
-        value = f"[{value}]"
-    return f"{MOVED_KEYS.get(key, key)}={value}"
+def gather_logits(
+    model: FineTuneModule, loader: DataLoader, device: torch.device, tta: str, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits (`analysis.tta_logits`) and labels of every batch, in order, on the CPU."""
+    model.eval().to(device)
+    logits, labels = [], []
+    with torch.inference_mode():
+        for images, targets in track(loader, description=split, console=Console(stderr=True)):
+            logits.append(tta_logits(model, images.to(device), tta).cpu())
+            labels.append(targets)
+    return torch.cat(logits), torch.cat(labels)
 
 
-def run_overrides(ckpt_path: Path) -> list[str]:
-    """The command-line overrides of the run that wrote `<run>/checkpoints/<file>.ckpt`."""
-    overrides = ckpt_path.resolve().parent.parent / ".hydra" / "overrides.yaml"
-    if not overrides.is_file():
-        raise MissingFileError(
-            f"{ckpt_path} holds no run settings (written by an older version) and {overrides} is not there: "
-            "evaluate it inside its train.py run folder"
-        )
-    return [_current(str(o)) for o in OmegaConf.load(overrides) if not str(o).startswith(("hydra.", "ckpt_path="))]
-
-
-def _from_run_folder(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModule, FineTuneModule]:
-    """A checkpoint of an older version: the run's overrides replayed against today's `conf/`."""
-    log.warning("%s holds no run settings (an older version wrote it): rebuilding from its run folder", ckpt_path)
-    cfg = compose("train", overrides=[*run_overrides(ckpt_path), "strategy.pretrained=false", *overrides])
-    datamodule, model = build(cfg)
-    model.load_state_dict(load_state_dict_file(ckpt_path, key="ckpt_path"))
-    return datamodule, model
-
-
-def rebuild(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModule, FineTuneModule]:
-    """The model a checkpoint holds and the data of its run, from the settings stored in it."""
-    settings = load_checkpoint_file(ckpt_path, key="ckpt_path").get(RUN_SETTINGS)
-    if settings is None:
-        return _from_run_folder(ckpt_path, overrides)
-    model = FineTuneModule.from_checkpoint(ckpt_path)
-    data = OmegaConf.merge(OmegaConf.create(settings), OmegaConf.from_dotlist(overrides)).data
-    return instantiate_unwrapped(data, input_config=model.input_config, _convert_="object"), model
+def store_temperature(ckpt_path: Path, temperature: float) -> None:
+    """Writes the temperature into the checkpoint's `hyper_parameters`, atomically (a kill leaves the old file)."""
+    checkpoint = load_checkpoint_file(ckpt_path, key="ckpt_path")
+    checkpoint.setdefault("hyper_parameters", {})["temperature"] = temperature
+    AtomicCheckpointIO().save_checkpoint(checkpoint, ckpt_path)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Tests the checkpoint on its run's test split and writes the error analysis; `eval.calibrate` first fits
+    a temperature on the validation split and stores it in the checkpoint."""
     validate(cfg, missing_values)
+    options = cfg.eval
+    tta = check_tta(options.tta, "eval.tta")
     ckpt_path = Path(cfg.ckpt_path).expanduser()
     if not ckpt_path.is_file():
         raise MissingFileError(f"ckpt_path: no such file: {ckpt_path}")
-    datamodule, model = rebuild(ckpt_path, list(cfg.overrides))
-    trainer = build_trainer(cfg.trainer, callbacks=[RichProgressBar()])
-    metrics = {k: float(v) for k, v in trainer.test(model, datamodule=datamodule)[0].items()}
-    print(f"Test accuracy: {metrics['test/acc']:.4f}  (checkpoint {ckpt_path})")
+    batch_size = [f"data.batch_size={options.batch_size}"] if options.batch_size else []
+    datamodule, model = rebuild(ckpt_path, [*cfg.overrides, *batch_size])
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    device = torch.device(options.device) if options.device else default_device()
+    logits, labels = gather_logits(model, datamodule.test_dataloader(), device, tta, "test")
+    notes = [f"checkpoint: {ckpt_path}", f"test-time augmentation: {tta}"]
+    temperature = float(model.hparams.temperature)
+    if options.calibrate:
+        temperature = fit_temperature(*gather_logits(model, datamodule.val_dataloader(), device, tta, "validation"))
+        store_temperature(ckpt_path, temperature)
+        notes.append(f"temperature fitted on the validation split and stored in {ckpt_path.name}")
+        if not datamodule.val_fraction:
+            notes.append(
+                "the validation split is the test split (data.val_fraction=0): the ECE after scaling is optimistic"
+            )
+    output_dir = Path(options.output_dir) if options.output_dir else run_folder(ckpt_path) / "eval"
+    report = write_report(
+        output_dir,
+        logits,
+        labels,
+        model.classes,
+        image=datamodule.datasets["test"].image,
+        temperature=temperature if temperature != 1.0 else None,
+        notes=notes,
+    )
+    metrics = {"eval/acc": report.metrics.accuracy} | {f"eval/{k}": v for k, v in report.scalars.items()}
+    with SummaryWriter(output_dir / "tensorboard") as writer:
+        for name, value in metrics.items():
+            writer.add_scalar(name, value)
+        report.add_figures(writer, "eval")
+    calibrated = f" ({report.ece_calibrated:.4f} at T = {temperature:.3f})" if report.ece_calibrated is not None else ""
+    print(
+        f"Test accuracy: {report.metrics.accuracy:.4f}  macro-F1: {report.metrics.macro_f1:.4f}  "
+        f"balanced accuracy: {report.metrics.balanced_accuracy:.4f}  ECE: {report.metrics.ece:.4f}{calibrated}  "
+        f"(checkpoint {ckpt_path})"
+    )
+    print(f"Report: {output_dir / 'eval.md'}")
     return metrics
 
 

@@ -1,43 +1,61 @@
 """Export a classifier for serving: ONNX (for onnxruntime) or TorchScript, each with a JSON sidecar.
 
+`python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx|torchscript` exports a checkpoint (`main`).
 The exported graph maps normalised float images (N, 3, image_size, image_size), input `images`, to logits
 (N, C), output `logits`; the batch size N is free. `<file>.json` beside it holds the rest a client needs:
-the class names in label order, the eval transform (resize to a `resize` x `resize` square, centre-crop
-`image_size`, normalise by `mean` and `std`, `interpolation`) and the `temperature` to divide logits by.
+the class names in label order, the eval transform (`InputConfig.to_dict`: the short side resized to `resize`
+with `interpolation`, the centre crop `image_size`, normalised by `mean` and `std`) and the `temperature` to
+divide logits by.
 
 Classify a JPEG with onnxruntime, PIL and numpy only, as the project's eval transform does:
 
 ```python
 import json, numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
+
 meta = json.load(open("model.onnx.json"))
-size, resize = meta["image_size"], meta["resize"]
-image = Image.open("photo.jpg").convert("RGB").resize((resize, resize), Image.Resampling[meta["interpolation"].upper()])
-top = round((resize - size) / 2)  # centre crop, rounded as torchvision rounds it
-x = (np.asarray(image.crop((top, top, top + size, top + size)), np.float32) / 255 - meta["mean"]) / meta["std"]
+image = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")
+(w, h), short, size = image.size, meta["resize"], meta["image_size"]
+w, h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)  # as torchvision's Resize(short)
+image = image.resize((w, h), Image.Resampling[meta["interpolation"].upper()])
+left, top = round((w - size) / 2), round((h - size) / 2)  # the centre crop, rounded as torchvision rounds it
+x = (np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255 - meta["mean"]) / meta["std"]
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 logits = session.run(None, {"images": x.transpose(2, 0, 1)[None].astype(np.float32)})[0][0] / meta["temperature"]
-probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-print(meta["classes"][probs.argmax()], probs.max())
+print(meta["classes"][logits.argmax()], 1 / np.exp(logits - logits.max()).sum())  # top-1 class and probability
 ```
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import sys
+import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from finetune.errors import MissingFileError
+from finetune.builders import rebuild
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.transforms import eval_transform
+from finetune.errors import ConfigError, MissingFileError, UserError
+from finetune.models.backbones import InputConfig
+from finetune.train import CONFIG_DIR
 
-SIDECAR_KEYS = ("classes", "image_size", "resize", "mean", "std", "interpolation", "temperature")
+log = logging.getLogger(__name__)
+
+SIDECAR_KEYS = ("classes", "image_size", "mean", "std", "crop_pct", "interpolation", "temperature")
 INPUT, OUTPUT = "images", "logits"
 
 
@@ -52,17 +70,14 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def write_sidecar(meta: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """`<path>.json`: classes, image_size, resize, mean, std, interpolation, temperature as plain JSON types."""
+    """`<path>.json`: the classes, `InputConfig.to_dict()` of `meta` (image_size, mean, std, crop_pct,
+    interpolation, resize) and the temperature, as plain JSON types."""
     missing = [key for key in SIDECAR_KEYS if key not in meta]
     if missing:
         raise ValueError(f"meta lacks {', '.join(missing)} (needs {', '.join(SIDECAR_KEYS)})")
     data = {
         "classes": [str(name) for name in meta["classes"]],
-        "image_size": int(meta["image_size"]),
-        "resize": int(meta["resize"]),
-        "mean": [float(v) for v in meta["mean"]],
-        "std": [float(v) for v in meta["std"]],
-        "interpolation": str(meta["interpolation"]),
+        **InputConfig.from_dict(meta).to_dict(),
         "temperature": float(meta["temperature"]),
     }
     target = sidecar_path(path)
@@ -148,3 +163,48 @@ def check_parity(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor
         expected = model(inputs.to(next(model.parameters()).device)).float().cpu()
         got = run(inputs).float()
     return Parity(float((got - expected).abs().max()), bool((got.argmax(dim=1) == expected.argmax(dim=1)).all()))
+
+
+FORMATS = {"onnx": (".onnx", export_onnx), "torchscript": (".pt", export_torchscript)}
+
+
+def parity_inputs(datamodule: ImageFolderDataModule, config: InputConfig, count: int = 8) -> tuple[torch.Tensor, str]:
+    """Up to `count` images spread over the run's test split (so over its classes) as the model takes them, or
+    random inputs if the split cannot be read here; with a description."""
+    try:
+        test = datamodule.read_split("test")
+    except (UserError, OSError) as err:
+        log.warning("The test split cannot be read (%s): checking parity on random inputs", err)
+        return torch.randn(count, 3, config.image_size, config.image_size), f"{count} random inputs"
+    transform = eval_transform(config)
+    picks = range(0, len(test), math.ceil(len(test) / count))
+    return torch.stack([transform(test[i][0]) for i in picks]), f"{len(picks)} test images"
+
+
+def export_checkpoint(cfg: DictConfig) -> tuple[Path, Parity]:
+    """`export.py`: the checkpoint's model to `format` with its sidecar, then its logits compared with PyTorch's."""
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format}: unknown, expected one of {', '.join(FORMATS)}")
+    suffix, exporter = FORMATS[cfg.format]
+    for name in ("onnx_ir", "onnxscript"):  # a line per optimisation pass otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    datamodule, model = rebuild(Path(cfg.ckpt_path).expanduser(), [])
+    path = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    exporter(model.network(), model.meta, path)
+    print(f"Exported {path} and its sidecar {sidecar_path(path).name} in {time.perf_counter() - start:.1f} s")
+    inputs, source = parity_inputs(datamodule, model.input_config)
+    parity = check_parity(model, path, inputs)
+    top1 = "the same" if parity.top1_agrees else "DIFFERENT"
+    print(f"Parity with PyTorch on {source}: max |logit difference| {parity.max_abs_diff:.1e}, top-1 {top1}")
+    return path, parity
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)  # and asked for
+    try:
+        export_checkpoint(cfg)
+    except UserError as err:  # a missing or unsafe checkpoint, an unknown format: the message says what to change
+        sys.exit(f"Error: {err}")

@@ -11,22 +11,28 @@ import csv
 import glob
 import itertools
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from omegaconf import DictConfig
 from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from finetune.analysis import softmax_probs
+from finetune.analysis import check_tta, softmax_probs
+from finetune.builders import rebuild
 from finetune.data.images import IMAGE_EXTENSIONS, ImageReadError, read_rgb
-from finetune.errors import MissingFileError
+from finetune.data.transforms import eval_transform
+from finetune.errors import MissingFileError, UserError
+from finetune.train import CONFIG_DIR
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Item = tuple[str, torch.Tensor | None, str]  # path, image (None if unreadable), error ("" if none)
@@ -181,3 +187,40 @@ def predict(
             file.flush()  # rows of finished batches survive an interrupted run
             bar.update(task, completed=seen)
     return PredictionSummary(seen, errors, {name: counts[name] for name in classes})
+
+
+def predict_files(cfg: DictConfig) -> PredictionSummary:
+    """`predict.py`: the checkpoint's model (with its stored temperature) on every file of `input`, to the CSV
+    `predict.output`; prints the count per predicted class."""
+    options = cfg.predict
+    tta = check_tta(options.tta, "predict.tta")
+    paths = ImagePaths(cfg.input)
+    _, model = rebuild(Path(cfg.ckpt_path).expanduser(), [])
+    output = Path(options.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    summary = predict(
+        model,
+        model.meta,
+        paths,
+        eval_transform(model.input_config),
+        batch_size=options.batch_size,
+        device=options.device,
+        top_k=options.top_k,
+        output_csv=output,
+        num_workers=options.num_workers,
+        tta=tta,
+    )
+    counts = ", ".join(f"{name} {count}" for name, count in summary.per_class.items())
+    print(f"Predicted {summary.images - summary.errors} of {summary.images} files: {counts}")
+    if summary.errors:
+        print(f"{summary.errors} files could not be read: their reason is in the error column")
+    print(f"Predictions: {output}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        predict_files(cfg)
+    except UserError as err:  # a missing or unsafe checkpoint, a missing input: the message says what to change
+        sys.exit(f"Error: {err}")

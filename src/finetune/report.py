@@ -1,8 +1,9 @@
 """A sweep's results as tables and plots: `python -m finetune.report <run or multirun folder>`.
 
 Reads what every run under the folder wrote (any folder with `.hydra/overrides.yaml`): its
-TensorBoard events (metrics per epoch), its overrides and config, and `status.json` (completed or
-failed, wall time). Writes `report.md` and PNG plots into the folder and prints the tables.
+TensorBoard events (metrics per epoch), its overrides and config, `status.json` (completed or
+failed, wall time) and the figures of its test (`eval/`, `finetune.callbacks.ErrorAnalysis`). Writes
+`report.md` and PNG plots into the folder and prints the tables.
 Figures are built without pyplot (Agg canvas), so this runs headless and leaves a notebook's backend alone.
 """
 
@@ -26,9 +27,14 @@ CURVES = ("val/acc", "val/loss", "train/acc_epoch", "train/loss_epoch")
 GROUPED_OUT = ("seed",)  # runs that differ only in these are repeats of one setting
 
 
+# The figures of a run's test error analysis shown for the best run, by caption.
+ERROR_FIGURES = {"Confusion matrix": "confusion_matrix.png", "Most confidently wrong": "top_errors.png"}
+
+
 @dataclass
 class Run:
     name: str
+    folder: Path
     overrides: dict[str, str]
     strategy: str | None
     lr: float | None
@@ -37,6 +43,7 @@ class Run:
     wall_time_s: float
     curves: dict[str, list[float]]  # per epoch, index = epoch
     test_acc: float
+    test_macro_f1: float
 
     @property
     def best_val_acc(self) -> float:
@@ -79,9 +86,14 @@ def load_run(run_dir: Path, name: str) -> Run:
     config = OmegaConf.load(config_file) if config_file.is_file() else OmegaConf.create()
     status = read_status(run_dir)
     scalars = _scalars(run_dir)
-    test = scalars.get("test/acc", {})
+
+    def last(tag: str) -> float:
+        values = scalars.get(tag, {})
+        return values[max(values)] if values else math.nan
+
     return Run(
         name=name,
+        folder=run_dir,
         overrides=overrides,
         strategy=OmegaConf.select(config, "strategy.name", throw_on_resolution_failure=False),
         lr=OmegaConf.select(config, "optimizer.lr", throw_on_resolution_failure=False),
@@ -89,7 +101,8 @@ def load_run(run_dir: Path, name: str) -> Run:
         error=status.get("error"),
         wall_time_s=float(status.get("wall_time_s", math.nan)),
         curves=_per_epoch(scalars),
-        test_acc=test[max(test)] if test else math.nan,
+        test_acc=last("test/acc"),
+        test_macro_f1=last("test/macro_f1"),
     )
 
 
@@ -138,15 +151,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def runs_table(runs: Sequence[Run]) -> str:
-    """One row per run: the overrides that differ, best val acc, test acc, epochs, wall time, status."""
+    """One row per run: the overrides that differ, best val acc, test acc and macro-F1, epochs, wall time, status."""
     keys = varying_keys(runs)
-    header = ["run", *keys, "best val acc", "test acc", "epochs", "wall time (s)", "status"]
+    header = ["run", *keys, "best val acc", "test acc", "test macro-F1", "epochs", "wall time (s)", "status"]
     rows = [
         [
             run.name,
             *(_value(run.overrides.get(k)) for k in keys),
             _fmt(run.best_val_acc),
             _fmt(run.test_acc),
+            _fmt(run.test_macro_f1),
             str(run.epochs),
             _fmt(run.wall_time_s, 0),
             run.status,
@@ -180,7 +194,7 @@ def groups(runs: Sequence[Run], ignore: Sequence[str] = GROUPED_OUT) -> dict[str
 
 def summary_table(runs: Sequence[Run]) -> str:
     """Repeated seeds of one setting as mean ± sample std over its completed runs."""
-    header = ["setting", "completed", "best val acc", "test acc", "wall time (s)"]
+    header = ["setting", "completed", "best val acc", "test acc", "test macro-F1", "wall time (s)"]
     rows = []
     for label, members in groups(runs).items():
         done = [r for r in members if r.status == "completed"]
@@ -190,10 +204,24 @@ def summary_table(runs: Sequence[Run]) -> str:
                 f"{len(done)}/{len(members)}",
                 _mean_std([r.best_val_acc for r in done]),
                 _mean_std([r.test_acc for r in done]),
+                _mean_std([r.test_macro_f1 for r in done]),
                 _fmt(statistics.mean(r.wall_time_s for r in done), 0) if done else "-",
             ]
         )
     return markdown_table(header, rows)
+
+
+def best_run(runs: Sequence[Run]) -> Run | None:
+    """The completed run with the best validation accuracy (the test split does not choose), None if none."""
+    done = [r for r in runs if r.status == "completed" and not math.isnan(r.best_val_acc)]
+    return max(done, key=lambda r: r.best_val_acc, default=None)
+
+
+def error_figures(run: Run) -> dict[str, Path]:
+    """The error-analysis figures the run's test wrote into `<run>/eval/`, by caption (no grid of wrong images
+    when no test image was wrong)."""
+    found = {caption: run.folder / "eval" / name for caption, name in ERROR_FIGURES.items()}
+    return {caption: path for caption, path in found.items() if path.is_file()}
 
 
 def plot_curves(runs: Sequence[Run]) -> Figure:
@@ -276,6 +304,17 @@ def write_report(folder: str | os.PathLike) -> str:
         parts += ["", "Failed runs:", "", *failed]
     if any(len(members) > 1 for members in groups(runs).values()):
         parts += ["", "## Summary (mean ± std over seeds)", "", summary_table(runs)]
+    best = best_run(runs)
+    if best is not None:
+        parts += [
+            "",
+            f"## Best run: {best.name} (best val acc {best.best_val_acc:.3f}, test acc {_fmt(best.test_acc)})",
+        ]
+        figures = error_figures(best)
+        for caption, path in figures.items():
+            parts += ["", f"{caption}:", "", f"![{caption}]({path.relative_to(folder).as_posix()})"]
+        if "Most confidently wrong" not in figures and figures:
+            parts += ["", "No test image was wrong."]
     plots = {"curves.png": plot_curves(runs), "acc_vs_lr.png": plot_lr(runs), "strategies.png": plot_strategies(runs)}
     parts += ["", "## Plots", ""]
     for filename, figure in plots.items():

@@ -74,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
-        final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss"))}
+        final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss", "macro_f1", "ece"))}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs each run's settings with these metrics
                 logger.log_hyperparams(hparams(cfg), final)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.images import ImageFolder, find_classes
@@ -29,6 +30,10 @@ class Transformed(Dataset):
     def __getitem__(self, index: int):
         image, label = self.dataset[self.indices[index]]
         return self.transform(image), label
+
+    def image(self, index: int) -> Image.Image:
+        """Sample `index` untransformed, as figures show it (`finetune.analysis.plot_top_errors`)."""
+        return self.dataset[self.indices[index]][0]
 
 
 def default_num_workers() -> int:

@@ -29,7 +29,8 @@ class FineTuneModule(L.LightningModule):
     - `strategy`: `pretrained`, and the lr multipliers of the groups: the head gets `head_lr_mult`, the
       backbone `backbone_lr_mult` (and, with `group_by_stage`, stage k of K also `layer_decay ** (K - k)`).
       Which stages actually train is decided by the strategy callback (frozen stages get no grad);
-    - `optimizer`, `scheduler`: partial configs (`_partial_: true`) that take the param groups / the optimizer.
+    - `optimizer`, `scheduler`: partial configs (`_partial_: true`) that take the param groups / the optimizer;
+    - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class FineTuneModule(L.LightningModule):
         sync_batchnorm: bool = False,
         channels_last: bool = True,
         compile: bool = False,
+        temperature: float = 1.0,
     ):
         super().__init__()  # the multipliers are checked with the config (finetune.validation)
         self.save_hyperparameters(logger=False)  # train.py logs the settings that tell runs apart
@@ -82,6 +84,16 @@ class FineTuneModule(L.LightningModule):
     @property
     def input_config(self) -> InputConfig:
         return InputConfig.from_dict(self.hparams.input_config)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a client needs besides the weights: classes, the input config and the temperature (plain values)."""
+        return {"classes": self.classes, **self.input_config.to_dict(), "temperature": float(self.hparams.temperature)}
+
+    def network(self) -> nn.Sequential:
+        """Backbone and head as a plain module, sharing these weights: what is exported (tracing a LightningModule
+        trips over its `trainer` property)."""
+        return nn.Sequential(self.backbone, self.head)
 
     def configure_model(self) -> None:
         """`sync_batchnorm` under DDP: BatchNorm statistics of the global batch, not of each rank's share.
@@ -126,7 +138,7 @@ class FineTuneModule(L.LightningModule):
         scheduler = instantiate(self.hparams.scheduler)(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, labels = batch  # images, or the frozen backbone's features of them (finetune.caching)
         logits = self(inputs)
         loss = F.cross_entropy(logits, labels)
@@ -135,13 +147,14 @@ class FineTuneModule(L.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The logits, for the error analysis of the test (`finetune.callbacks.ErrorAnalysis`)."""
+        return self._step(batch, "test")[1]

@@ -1,0 +1,6 @@
+"""python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx|torchscript  (see README.md)"""
+
+from finetune.export import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""python predict.py ckpt_path=<run>/checkpoints/last.ckpt input=<image | folder | glob>  (see README.md)"""
+
+from finetune.predict import main
+
+if __name__ == "__main__":
+    main()
