@@ -54,7 +54,8 @@ def train_transform(config: InputConfig, augment: str | bool = "d2l", random_era
     interpolation = InterpolationMode(config.interpolation)
     crop = v2.RandomResizedCrop(config.image_size, interpolation=interpolation, antialias=True)
     policy = POLICIES[name]
-    policies = [policy(interpolation=interpolation)] if policy else []
+    # bilinear as torchvision's references: on tensors the policies' warps take only nearest or bilinear
+    policies = [policy(interpolation=InterpolationMode.BILINEAR)] if policy else []
     return _pipeline(config, crop, v2.RandomHorizontalFlip(), *policies, erasing=random_erasing)
 
 
