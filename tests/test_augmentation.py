@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from finetune.builders import PROJECT_ROOT
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import BalancedSampler, SeededSampler
 from finetune.data.transforms import train_transform
 from finetune.models import InputConfig
-from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import make_image_folder, run_cli
 
 CONFIG = InputConfig(32, (0.5,) * 3, (0.5,) * 3)
 OPTIONS = {
@@ -148,20 +148,14 @@ def test_class_counts_and_the_imbalance_warning(tmp_path, caplog):
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
 
 
-def test_a_run_with_every_option_trains_on_soft_labels(tmp_path, images):
-    overrides = [
-        "data=imagefolder",
-        f"data.root={images}",
-        *TINY,
-        "data.val_fraction=0",
-        "model=timm",
-        "model.name=mobilenetv3_small_050",
-        "strategy.pretrained=false",
-        "data.augment=trivialaugment",
-        "data.random_erasing=0.25",
-        "data.mixup=0.2",
-        "data.cutmix=1.0",
-        "data.sampler=balanced",
-    ]
-    metrics = train(compose_train(tmp_path, overrides))
-    assert 0 <= metrics["train/acc_epoch"] <= 1 and 0 <= metrics["test/acc"] <= 1
+def test_the_readme_command_with_every_option_trains_on_soft_labels(tmp_path):
+    command = (
+        "python train.py model=efficientnet_lite0 data=synthetic data.augment=trivialaugment data.random_erasing=0.25 "
+        "data.mixup=0.2 data.cutmix=1.0 data.sampler=balanced debug=fdr"
+    )
+    assert f"\n{command}\n" in (PROJECT_ROOT / "README.md").read_text()
+    result = run_cli(command.split()[1:], tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "Test accuracy:" in result.output
+    (log,) = tmp_path.glob("logs/train/runs/*/train.log")
+    assert "Images per class (train, 162): circle 52, square 57, triangle 53" in log.read_text()

@@ -32,8 +32,8 @@ BAD = {
     "data.mixup=-0.2": "data.mixup=-0.2 must be >= 0 (0 = off)",
     "data.sampler=weighted": "data.sampler=weighted must be one of shuffle, balanced",
     "strategy=freeze callbacks.feature_cache.enabled=true data.mixup=0.2 data.cutmix=1.0": (
-        "data.mixup=0.2 and data.cutmix=1.0 mix images, but callbacks.feature_cache.enabled=true trains on cached "
-        "features: set the mix to 0 or callbacks.feature_cache.enabled=false"
+        "data.mixup=0.2 and data.cutmix=1.0: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true "
+        "trains on cached features: set the mix to 0 or callbacks.feature_cache.enabled=false"
     ),
 }
 

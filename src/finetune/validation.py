@@ -54,7 +54,7 @@ def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
     mixing = [f"{key}={alpha}" for key, alpha in alphas.items() if alpha and alpha > 0]
     if mixing and OmegaConf.select(cfg, "callbacks.feature_cache.enabled"):
         yield (
-            f"{' and '.join(mixing)} mix images, but callbacks.feature_cache.enabled=true trains on cached features: "
+            f"{' and '.join(mixing)}: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true trains on cached features: "
             "set the mix to 0 or callbacks.feature_cache.enabled=false"
         )
     sampler = OmegaConf.select(cfg, "data.sampler")
