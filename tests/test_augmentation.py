@@ -146,6 +146,7 @@ def test_class_counts_and_the_imbalance_warning(tmp_path, caplog):
     datamodule(folder, sampler="balanced")
     datamodule(imbalanced_folder(tmp_path / "3to1", blue=24, red=8))  # 3x: no warning
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
+    assert ImageFolderDataModule(CONFIG, folder, val_fraction=0).class_counts() == [24, 6]  # sets itself up
 
 
 def test_the_readme_command_with_every_option_trains_on_soft_labels(tmp_path):
