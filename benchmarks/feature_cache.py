@@ -3,7 +3,7 @@
     python -m benchmarks.feature_cache                  # hotdog64, efficientnet_lite0, 128 px, 10 epochs
     python -m benchmarks.feature_cache --augment-views 5  # also with augmentation: uncached vs 5 cached views
 
-The same probe (strategy=freeze, data.augment=false) three times: without the cache, with a cold cache
+The same probe (strategy=freeze, data.augment=none) three times: without the cache, with a cold cache
 (the features are computed during the run) and with a warm one (the next run on the same data and
 backbone, e.g. the next job of an lr sweep). Each run is timed from process start to exit; epoch times
 are the differences between the wall times of consecutive `train/loss_epoch` scalars in the run's
@@ -62,14 +62,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         *args.overrides,
     ]
     plan = [
-        ("uncached", ["data.augment=false"]),
-        ("cached (cold)", ["data.augment=false", "callbacks.feature_cache.enabled=true"]),
-        ("cached (warm)", ["data.augment=false", "callbacks.feature_cache.enabled=true"]),
+        ("uncached", ["data.augment=none"]),
+        ("cached (cold)", ["data.augment=none", "callbacks.feature_cache.enabled=true"]),
+        ("cached (warm)", ["data.augment=none", "callbacks.feature_cache.enabled=true"]),
     ]
     if args.augment_views:
         views = args.augment_views
         plan += [
-            ("augmented, uncached", ["data.augment=true"]),
+            ("augmented, uncached", ["data.augment=d2l"]),
             (
                 f"augmented, {views} views cached",
                 ["callbacks.feature_cache.enabled=true", f"callbacks.feature_cache.views={views}"],

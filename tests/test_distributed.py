@@ -52,14 +52,22 @@ def scalars(run: Path) -> dict[str, float]:
     return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
 
 
-def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder):
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        pytest.param(  # drawn with replacement, each draw augmented under its own seed
+            ["data.sampler=balanced", "data.augment=randaugment", "data.random_erasing=0.5"], marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder, options):
     """24 images: 3 steps of batch 8 on one process, or of batch 4 on each of 2 DDP ranks (gloo)."""
-    result = run_cli(
-        ["train.py", *DDP_RUN, f"data.root={image_folder}", "trainer=ddp_cpu", "data.batch_size=4"], tmp_path
-    )
+    run = [*DDP_RUN, f"data.root={image_folder}", *options]
+    result = run_cli(["train.py", *run, "trainer=ddp_cpu", "data.batch_size=4"], tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     (ddp_run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
-    single = train(compose_train(tmp_path / "single", [*DDP_RUN, f"data.root={image_folder}", "data.batch_size=8"]))
+    single = train(compose_train(tmp_path / "single", [*run, "data.batch_size=8"]))
 
     ddp = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=True)
     one = torch.load(tmp_path / "single" / "run" / "checkpoints" / "last.ckpt", weights_only=True)

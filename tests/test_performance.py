@@ -52,9 +52,9 @@ def probe(tmp_path: Path, image_folder: Path, *overrides: str):
 
 def test_cached_probe_trains_the_same_head_and_predicts_the_same(tmp_path, image_folder):
     cache = f"paths.data_dir={tmp_path / 'data'}"
-    plain, plain_data, plain_metrics = probe(tmp_path / "plain", image_folder, "data.augment=false", cache)
+    plain, plain_data, plain_metrics = probe(tmp_path / "plain", image_folder, "data.augment=none", cache)
     cached, cached_data, cached_metrics = probe(
-        tmp_path / "cached", image_folder, "data.augment=false", "callbacks.feature_cache.enabled=true", cache
+        tmp_path / "cached", image_folder, "data.augment=none", "callbacks.feature_cache.enabled=true", cache
     )
     test = cached_data.datasets["test"]
     assert isinstance(test, CachedFeatures) and test.features.shape == (1, 12, cached.backbone.num_features)
@@ -70,7 +70,7 @@ def test_cached_probe_trains_the_same_head_and_predicts_the_same(tmp_path, image
 
 def test_second_run_reads_the_cache_and_a_changed_image_is_computed_again(tmp_path, caplog):
     folder = make_image_folder(tmp_path / "images")
-    overrides = ["data.augment=false", "callbacks.feature_cache.enabled=true", f"paths.data_dir={tmp_path / 'data'}"]
+    overrides = ["data.augment=none", "callbacks.feature_cache.enabled=true", f"paths.data_dir={tmp_path / 'data'}"]
     features = tmp_path / "data" / "features"
     with caplog.at_level(logging.INFO, logger="finetune.caching"):
         probe(tmp_path / "first", folder, *overrides)
@@ -289,3 +289,13 @@ def test_image_scan_benchmark_runs_and_the_scan_catches_every_bad_file(image_fol
     )
     assert rows[0][1] == 36 and all(value > 0 for value in rows[0][2:])
     assert [scan for _, scan, _ in caught] == ["yes"] * len(caught)
+
+
+def test_augment_benchmark_runs(image_folder):
+    from benchmarks import augment
+
+    args = ["--data", str(image_folder), "--image-size", "32", "--batch-size", "4", "--images", "8", "--rounds", "1"]
+    rows = augment.main([*args, "--workers", "0", "--variants", "augment=randaugment", "mixup=0.2,cutmix=1.0"])
+    assert [row[0] for row in rows] == ["augment=randaugment", "mixup=0.2,cutmix=1.0"]
+    assert all(row[1] > 0 and row[2] >= 0 for row in rows)
+    assert augment.options("mixup=0.2,augment=none") == {"mixup": 0.2, "augment": "none"}

@@ -27,6 +27,14 @@ BAD = {
         "strategy.unfreeze_at=[1, 2, 3, 4] must be < trainer.max_epochs=3 (epochs count from 0): "
         "stages unfrozen at epoch [3, 4] would never train"
     ),
+    "data.augment=autoaugment": "data.augment=autoaugment must be one of d2l, trivialaugment, randaugment, none",
+    "data.random_erasing=1.5": "data.random_erasing=1.5 must be a probability in [0, 1] (0 = off)",
+    "data.mixup=-0.2": "data.mixup=-0.2 must be >= 0 (0 = off)",
+    "data.sampler=weighted": "data.sampler=weighted must be one of shuffle, balanced",
+    "strategy=freeze callbacks.feature_cache.enabled=true data.mixup=0.2 data.cutmix=1.0": (
+        "data.mixup=0.2 and data.cutmix=1.0: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true "
+        "trains on cached features: set the mix to 0 or callbacks.feature_cache.enabled=false"
+    ),
 }
 
 

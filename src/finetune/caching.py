@@ -7,10 +7,11 @@ stages' architecture and weights, the transform, the images' bytes and labels, a
 changed backbone, weights, transform or image gives a new key, so a stale cache is never read, and a
 later run on the same data and backbone (a sweep over the head's lr) skips the backbone entirely.
 
-With augmentation on (`data.augment=true`) the training split is cached as `views` augmented views:
+With augmentation on (any `data.augment` but `none`, or `data.random_erasing`) the training split is cached as `views` augmented views:
 view v holds exactly the augmentation that the uncached run draws in epoch v (the same per-sample
 seeds, see `finetune.data.sampling`), and every time a sample is drawn it comes from one of its views
-at random. Validation and test use the deterministic eval transform: one view.
+at random. Validation and test use the deterministic eval transform: one view. MixUp and CutMix mix
+images, not features: `finetune.validation` refuses them with the cache.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class FeatureCache(Callback):
         for split, dataset in datamodule.datasets.items():
             if isinstance(dataset, CachedFeatures):  # a second fit on the same datamodule
                 continue
-            augmented = split == "train" and datamodule.augment
+            augmented = split == "train" and datamodule.augmented
             views = [
                 self._view(trainer, folded, dataset, weights, (datamodule.seed, epoch) if augmented else None)
                 for epoch in range(self.views if augmented else 1)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.data.transforms import AUGMENTATIONS
 from finetune.errors import ConfigError
 from finetune.run_status import command_line
 
@@ -24,6 +25,7 @@ POSITIVE = (
     "strategy.layer_decay",
     "data.batch_size",
 )
+SAMPLERS = ("shuffle", "balanced")
 # What the values a command must give (??? in conf/) look like, for the example command of their error
 EXAMPLES = {"data.root": "/path/to/images", "ckpt_path": "logs/train/runs/<timestamp>/checkpoints/last.ckpt"}
 
@@ -38,6 +40,26 @@ def _late_unfreezing(cfg: DictConfig) -> str | None:
         f"strategy.unfreeze_at={epochs} must be < trainer.max_epochs={max_epochs} (epochs count from 0): "
         f"stages unfrozen at epoch {late} would never train"
     )
+
+
+def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
+    augment = OmegaConf.select(cfg, "data.augment")
+    if augment is not None and not isinstance(augment, bool) and augment not in AUGMENTATIONS:  # true/false: d2l/none
+        yield f"data.augment={augment} must be one of {', '.join(AUGMENTATIONS)}"
+    erasing = OmegaConf.select(cfg, "data.random_erasing")
+    if erasing is not None and not 0 <= erasing <= 1:
+        yield f"data.random_erasing={erasing} must be a probability in [0, 1] (0 = off)"
+    alphas = {key: OmegaConf.select(cfg, key) for key in ("data.mixup", "data.cutmix")}
+    yield from (f"{key}={alpha} must be >= 0 (0 = off)" for key, alpha in alphas.items() if alpha and alpha < 0)
+    mixing = [f"{key}={alpha}" for key, alpha in alphas.items() if alpha and alpha > 0]
+    if mixing and OmegaConf.select(cfg, "callbacks.feature_cache.enabled"):
+        yield (
+            f"{' and '.join(mixing)}: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true trains on cached features: "
+            "set the mix to 0 or callbacks.feature_cache.enabled=false"
+        )
+    sampler = OmegaConf.select(cfg, "data.sampler")
+    if sampler is not None and sampler not in SAMPLERS:
+        yield f"data.sampler={sampler} must be one of {', '.join(SAMPLERS)}"
 
 
 def _missing(value: object, key: str = "") -> Iterator[str]:
@@ -80,6 +102,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"data.val_fraction={val_fraction} must be in [0, 1) (0 = validate on the test split)")
     if late := _late_unfreezing(cfg):
         problems.append(late)
+    problems += _augmentation_problems(cfg)
     return problems
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +13,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.images import ImageFolder, find_classes
-from finetune.data.sampling import ResumableLoader, Seeded, SeededSampler
-from finetune.data.transforms import eval_transform, train_transform
+from finetune.data.sampling import BalancedSampler, ResumableLoader, Seeded, SeededCollate, SeededSampler
+from finetune.data.transforms import augmentation_name, batch_transform, eval_transform, train_transform
 from finetune.errors import ConfigError, MissingFileError
 from finetune.models.backbones import InputConfig
+
+log = logging.getLogger(__name__)
+
+# Largest / smallest class of the training split above which setup warns
+IMBALANCE_WARNING = 3.0
 
 
 class Transformed(Dataset):
@@ -35,6 +41,14 @@ class Transformed(Dataset):
         """Sample `index` untransformed, as figures show it (`finetune.analysis.plot_top_errors`)."""
         return self.dataset[self.indices[index]][0]
 
+    @property
+    def labels(self) -> list[int]:
+        """Every sample's label, read from the dataset's `targets` (ImageFolder, torchvision) without decoding."""
+        targets = getattr(self.dataset, "targets", None)
+        if targets is None:
+            return [self.dataset[index][1] for index in self.indices]
+        return [int(targets[index]) for index in self.indices]
+
 
 def default_num_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
@@ -46,7 +60,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
     (as d2l does). `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
     override it when set. Unreadable images stop `setup` with their names, or with `skip_bad_images` are
-    left out and logged.
+    left out and logged. Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing`
+    (a probability), `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
     """
 
     def __init__(
@@ -63,7 +78,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         drop_last: bool = False,
         skip_bad_images: bool = False,
-        augment: bool = True,
+        augment: str | bool = "d2l",
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        sampler: str = "shuffle",
         seed: int = 0,
     ):
         super().__init__()
@@ -76,9 +95,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.drop_last = drop_last
         self.skip_bad_images = skip_bad_images
-        self.augment = augment
+        self.augment = augmentation_name(augment)
+        self.random_erasing, self.mixup, self.cutmix = random_erasing, mixup, cutmix
+        self.sampler = sampler
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
+        self.labels: dict[str, list[int]] = {}  # every split's labels, read once at setup
 
     # What subclasses change: where the data is and how a split is read.
     @property
@@ -103,9 +125,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         return len(self.classes)
 
     @property
+    def augmented(self) -> bool:
+        """Whether a training image's transform is random (the feature cache then stores several views)."""
+        return self.augment != "none" or self.random_erasing > 0
+
+    @property
     def train_transform(self):
-        """d2l's augmentation, or with `augment=false` the deterministic eval transform."""
-        return train_transform(self.input_config) if self.augment else self.eval_transform
+        """The `augment` preset (d2l's crop and flip by default; `none`: the eval transform), random erasing."""
+        return train_transform(self.input_config, self.augment, self.random_erasing)
 
     @property
     def eval_transform(self):
@@ -126,10 +153,40 @@ class ImageFolderDataModule(L.LightningDataModule):
             else Transformed(test, range(len(test)), self.eval_transform),
             "test": Transformed(test, range(len(test)), self.eval_transform),
         }
+        self._log_class_counts()
         if self.drop_last and len(self.datasets["train"]) < self.batch_size:
             raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.datasets['train'])} training "
                 "images and data.drop_last=true: no batch would be left"
+            )
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images per class of a split, in label order (for class-balanced loss weights). Sets the data up first
+        if needed: its files must be there (`prepare_data` downloads them)."""
+        self.setup()
+        counts = torch.bincount(torch.as_tensor(self.labels[split], dtype=torch.long), minlength=self.num_classes)
+        return counts.tolist()
+
+    def _log_class_counts(self) -> None:
+        """One line per split with each class's image count; a warning if the training split is strongly imbalanced."""
+        self.labels = {split: dataset.labels for split, dataset in self.datasets.items()}
+        names = self.classes
+        for split in self.datasets:
+            counts = self.class_counts(split)
+            listed = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True))
+            log.info("Images per class (%s, %d): %s", split, sum(counts), listed)
+        counts = self.class_counts()
+        largest, smallest = max(counts), min(counts)
+        if self.sampler != "balanced" and largest > IMBALANCE_WARNING * smallest:
+            ratio = f"{largest / smallest:.1f}x" if smallest else "no images of some classes"
+            log.warning(
+                "The training split is imbalanced: %s has %d images, %s %d (%s). Consider data.sampler=balanced "
+                "or loss.class_weights=balanced",
+                names[counts.index(largest)],
+                largest,
+                names[counts.index(smallest)],
+                smallest,
+                ratio,
             )
 
     def _loader(self, split: str) -> DataLoader:
@@ -143,12 +200,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled and augmented by (seed, epoch, sample) and resumable mid-epoch (see `finetune.data.sampling`)."""
-        dataset = Seeded(self.datasets["train"])
+        """Shuffled (or class-balanced), augmented and mixed by (seed, epoch, sample) and resumable mid-epoch
+        (see `finetune.data.sampling`)."""
+        mix = batch_transform(self.mixup, self.cutmix, self.num_classes)
+        dataset = Seeded(self.datasets["train"], with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = SeededSampler(dataset, *ranks, seed=self.seed)
+        sampler = (
+            BalancedSampler(dataset, self.labels["train"], *ranks, seed=self.seed)
+            if self.sampler == "balanced"
+            else SeededSampler(dataset, *ranks, seed=self.seed)
+        )
         return ResumableLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last, **self._worker_args()
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=self.drop_last,
+            collate_fn=SeededCollate(mix) if mix else None,
+            **self._worker_args(),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -143,7 +143,7 @@ class FineTuneModule(L.LightningModule):
         logits = self(inputs)
         loss = F.cross_entropy(logits, labels)
         accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, labels)
+        accuracy(logits, labels.argmax(1) if labels.ndim == 2 else labels)  # MixUp/CutMix: soft labels (N, C)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True)
