@@ -7,7 +7,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback
+
+
+def optional(callback: str, enabled: bool = False, **kwargs: Any) -> Callback | None:
+    """The callback class named `callback` made with `kwargs`, or None (left out of the run) unless `enabled`:
+    a config entry that a user switches on with `callbacks.<name>.enabled=true`."""
+    return get_class(callback)(**kwargs) if enabled else None
 
 
 class FiniteLoss(Callback):

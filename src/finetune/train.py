@@ -69,6 +69,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)
+        elif cfg.get("validate_first"):  # val/acc of the initial weights, logged at step 0
+            (start,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+            log.info("Before training: %s", {k: round(v, 4) for k, v in start.items()})
         # weights_only: a checkpoint to resume from runs no code (Lightning would unpickle a URL fully)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

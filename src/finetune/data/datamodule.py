@@ -127,6 +127,14 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "images and data.drop_last=true: no batch would be left"
             )
 
+    def class_counts(self) -> list[int]:
+        """The number of training images of each class, in label order (read from the split, before the fit)."""
+        self.prepare_data()
+        self.setup("fit")
+        train = self.datasets["train"]
+        labels = torch.tensor([train.dataset.targets[i] for i in train.indices], dtype=torch.long)
+        return torch.bincount(labels, minlength=self.num_classes).tolist()
+
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(self.datasets[split], batch_size=self.batch_size, **self._worker_args())
 
