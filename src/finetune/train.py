@@ -30,6 +30,8 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replac
 log = logging.getLogger(__name__)
 # Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# configure_model only converts BatchNorm for DDP (see FineTuneModule): the EMA copy needs nothing from it.
+warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback with a model that overrides")
 
 
 def hparams(cfg: DictConfig) -> dict[str, object]:
