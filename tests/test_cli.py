@@ -92,7 +92,12 @@ def test_multirun_sweeps_lr(tmp_path, image_folder):
     assert len(re.findall(r"Test accuracy", result.output)) == 2
 
 
-@pytest.mark.parametrize("experiment", ["d2l_hotdog", "d2l_hotdog_scratch", "mobilenetv2_cifar10"])
+UNFREEZE_AT_1 = ("mobilenetv2_cifar10", "lp_ft", "ulmfit")  # their unfreeze epochs, within 2 epochs
+
+
+@pytest.mark.parametrize(
+    "experiment", ["d2l_hotdog", "d2l_hotdog_scratch", "mobilenetv2_cifar10", "lp_ft", "ulmfit", "llrd_beit"]
+)
 def test_experiments_run(tmp_path, image_folder, experiment):
     cfg = compose_train(
         tmp_path,
@@ -103,6 +108,6 @@ def test_experiments_run(tmp_path, image_folder, experiment):
             *TINY,
             "trainer.max_epochs=2",
         ]
-        + (["strategy.unfreeze_at=[1]"] if experiment == "mobilenetv2_cifar10" else []),
+        + (["strategy.unfreeze_at=[1]"] if experiment in UNFREEZE_AT_1 else []),
     )
     assert 0.0 <= train(cfg)["test/acc"] <= 1.0

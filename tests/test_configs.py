@@ -17,6 +17,7 @@ GROUPS = [
     "strategy",
     "optimizer",
     "scheduler",
+    "loss",
     "trainer",
     "logger",
     "callbacks",
@@ -77,6 +78,10 @@ def test_experiments_pin_their_recipes(tmp_path):
     # d2l sums the loss over 128 images: 5e-5 summed = 6.4e-3 mean; scratch uses 10x for all weights.
     assert d2l.optimizer.lr == pytest.approx(5e-5 * 128) and d2l.strategy.head_lr_mult == 10
     assert d2l.data.val_fraction == 0 and d2l.optimizer._target_ == "torch.optim.SGD"
+    assert d2l.optimizer.momentum == 0 and d2l.scheduler is None and d2l.data.batch_size == 128
+    assert d2l.optimizer.filter_bias_and_bn is False  # d2l decays every weight, biases and BatchNorm included
+    assert (d2l.loss.label_smoothing, d2l.loss.class_weights) == (0.0, None)
+    assert (d2l.strategy.bn, d2l.model.head_init) == ("train", "default")
     assert scratch.optimizer.lr == pytest.approx(10 * d2l.optimizer.lr)
     assert scratch.strategy.pretrained is False and scratch.strategy.head_lr_mult == 1
     assert mobilenet.model.name == "mobilenet_v2" and mobilenet.data.image_size == 224

@@ -95,8 +95,8 @@ def cosine(epoch: int, epochs: int = 3) -> float:
             lambda epoch: range(STAGES),
         ),
         (
-            ["strategy=gradual", "strategy.unfreeze_at=[1,2]"],  # one more stage from the top per epoch
-            {f"stage{k}": 1.0 for k in range(STAGES)} | {"head": 10.0},
+            ["strategy=gradual", "strategy.unfreeze_at=[1,2]"],  # one more stage from the top per epoch (ULMFiT)
+            {f"stage{k}": 0.385 ** (STAGES - k) for k in range(STAGES)} | {"head": 1.0},
             lambda epoch: range(STAGES - epoch, STAGES),
         ),
     ],

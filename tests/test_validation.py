@@ -17,6 +17,9 @@ BAD = {
     "strategy.backbone_lr_mult=-1": "strategy.backbone_lr_mult=-1 must be > 0",
     "strategy.layer_decay=0": "strategy.layer_decay=0 must be > 0",
     "data.batch_size=0": "data.batch_size=0 must be > 0",
+    "strategy.bn=frozen": "strategy.bn=frozen must be one of train, eval",
+    "model.head_init=imagenet": "model.head_init=imagenet must be one of default, source",
+    "loss.label_smoothing=1.0": "loss.label_smoothing=1.0 must be in [0, 1)",
     "data.image_size=16": "data.image_size=16 is too small: the backbones shrink images 32x, so it must be >= 32",
     "data.val_fraction=1.0": "data.val_fraction=1.0 must be in [0, 1) (0 = validate on the test split)",
     "strategy=freeze_unfreeze trainer.max_epochs=2": (

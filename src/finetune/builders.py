@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.checkpoint import RUN_SETTINGS, RunSettings
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.errors import MissingFileError, instantiate_unwrapped
+from finetune.errors import ConfigError, MissingFileError, instantiate_unwrapped
 from finetune.finetuning import StageUnfreezing
 from finetune.models.backbones import load_checkpoint_file, load_state_dict_file
 from finetune.models.module import FineTuneModule
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "conf")
 # The settings that make a run what it is: stored in its checkpoints, and logged for TensorBoard's HPARAMS tab.
-SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler")
+SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler", "loss")
 
 
 def plain(config: Any) -> Any:
@@ -52,8 +52,32 @@ def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
     return instantiate_unwrapped(cfg.data, input_config=backbone_input, _convert_="object")  # a dataclass stays one
 
 
+def balanced_class_weights(counts: Sequence[int]) -> list[float]:
+    """n_samples / (n_classes * count_c), as scikit-learn's `class_weight="balanced"`: each class weighs the same
+    in the loss as a whole."""
+    if not all(counts):
+        raise ConfigError(f"loss.class_weights=balanced: a class has no training images (counts {list(counts)})")
+    return [sum(counts) / (len(counts) * count) for count in counts]
+
+
+def class_weights(loss: DictConfig, datamodule: ImageFolderDataModule) -> list[float] | None:
+    """`loss.class_weights` as one weight per class: null, `balanced` (from the training split), or a list."""
+    weights = plain(loss.class_weights)
+    if weights is None:
+        return None
+    if weights == "balanced":
+        return balanced_class_weights(datamodule.class_counts())
+    if isinstance(weights, str) or len(weights) != datamodule.num_classes:
+        raise ConfigError(
+            f"loss.class_weights={weights} must be null, balanced or a list of {datamodule.num_classes} weights "
+            f"(classes {datamodule.classes})"
+        )
+    return [float(w) for w in weights]
+
+
 def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneModule:
-    """The LightningModule for the data's classes and input; every argument a plain container (checkpointed)."""
+    """The LightningModule for the data's classes and input; every argument a plain container (checkpointed).
+    Balanced class weights come from the data's class counts (data -> model, one way)."""
     return FineTuneModule(
         backbone=plain(cfg.model.backbone),
         classes=datamodule.classes,
@@ -64,6 +88,9 @@ def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneM
         sync_batchnorm=cfg.model.sync_batchnorm,
         channels_last=cfg.model.channels_last,
         compile=cfg.model.compile,
+        loss={"label_smoothing": cfg.loss.label_smoothing, "class_weights": class_weights(cfg.loss, datamodule)},
+        head_init=cfg.model.head_init,
+        head_init_map=plain(cfg.model.head_init_map),
     )
 
 
@@ -74,8 +101,10 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
 
 
 def instantiate_callbacks(config: DictConfig | None) -> list[Callback]:
-    """The callbacks of a `callbacks` config; an entry set to null (`callbacks.progress_bar=null`) is left out."""
-    return [instantiate(entry) for entry in (config or {}).values() if entry is not None]
+    """The callbacks of a `callbacks` config; an entry set to null (`callbacks.progress_bar=null`) or switched off
+    (`finetune.callbacks.optional` with `enabled: false`) is left out."""
+    callbacks = (instantiate(entry) for entry in (config or {}).values() if entry is not None)
+    return [callback for callback in callbacks if callback is not None]
 
 
 def instantiate_loggers(config: DictConfig | None) -> list[Logger]:

@@ -9,10 +9,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune.analysis import write_report
+
+
+def optional(callback: str, enabled: bool = False, **kwargs: Any) -> Callback | None:
+    """The callback class named `callback` made with `kwargs`, or None (left out of the run) unless `enabled`:
+    a config entry that a user switches on with `callbacks.<name>.enabled=true`."""
+    return get_class(callback)(**kwargs) if enabled else None
 
 
 class FiniteLoss(Callback):

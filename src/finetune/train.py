@@ -30,6 +30,8 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replac
 log = logging.getLogger(__name__)
 # Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# configure_model only converts BatchNorm for DDP (see FineTuneModule): the EMA copy needs nothing from it.
+warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback with a model that overrides")
 
 
 def hparams(cfg: DictConfig) -> dict[str, object]:
@@ -69,6 +71,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)
+        elif cfg.get("validate_first"):  # val/acc of the initial weights, logged at step 0
+            (start,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+            log.info("Before training: %s", {k: round(v, 4) for k, v in start.items()})
         # weights_only: a checkpoint to resume from runs no code (Lightning would unpickle a URL fully)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

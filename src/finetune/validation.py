@@ -25,7 +25,12 @@ POSITIVE = (
     "strategy.layer_decay",
     "data.batch_size",
 )
-SAMPLERS = ("shuffle", "balanced")
+# Keys that take one of a few words
+CHOICES = {
+    "strategy.bn": ("train", "eval"),
+    "model.head_init": ("default", "source"),
+    "data.sampler": ("shuffle", "balanced"),
+}
 # What the values a command must give (??? in conf/) look like, for the example command of their error
 EXAMPLES = {"data.root": "/path/to/images", "ckpt_path": "logs/train/runs/<timestamp>/checkpoints/last.ckpt"}
 
@@ -57,9 +62,6 @@ def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
             f"{' and '.join(mixing)}: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true trains on cached features: "
             "set the mix to 0 or callbacks.feature_cache.enabled=false"
         )
-    sampler = OmegaConf.select(cfg, "data.sampler")
-    if sampler is not None and sampler not in SAMPLERS:
-        yield f"data.sampler={sampler} must be one of {', '.join(SAMPLERS)}"
 
 
 def _missing(value: object, key: str = "") -> Iterator[str]:
@@ -91,6 +93,14 @@ def config_problems(cfg: DictConfig) -> list[str]:
         for key in POSITIVE
         if (value := OmegaConf.select(cfg, key)) is not None and not value > 0
     ]
+    problems += [
+        f"{key}={value} must be one of {', '.join(valid)}"
+        for key, valid in CHOICES.items()
+        if (value := OmegaConf.select(cfg, key)) is not None and value not in valid
+    ]
+    smoothing = OmegaConf.select(cfg, "loss.label_smoothing")
+    if smoothing is not None and not 0 <= smoothing < 1:
+        problems.append(f"loss.label_smoothing={smoothing} must be in [0, 1)")
     image_size = OmegaConf.select(cfg, "data.image_size")
     if image_size is not None and image_size < MIN_IMAGE_SIZE:
         problems.append(

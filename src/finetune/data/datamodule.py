@@ -162,7 +162,9 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class of a split, in label order (for class-balanced loss weights). Sets the data up first
-        if needed: its files must be there (`prepare_data` downloads them)."""
+        if needed, downloading or generating its files first (`prepare_data`)."""
+        if not self.datasets:
+            self.prepare_data()
         self.setup()
         counts = torch.bincount(torch.as_tensor(self.labels[split], dtype=torch.long), minlength=self.num_classes)
         return counts.tolist()

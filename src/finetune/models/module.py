@@ -14,6 +14,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.errors import ConfigError, instantiate_unwrapped
 from finetune.models.backbones import InputConfig, load_checkpoint_file
+from finetune.models.head_init import init_head_from_source
+
+
+def decay_split(named_params: list[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, not decayed) as timm's `param_groups_weight_decay`: biases and 1-D params (normalisation
+    weights) get no weight decay."""
+    decay = [p for n, p in named_params if p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in named_params if p.ndim <= 1 or n.endswith(".bias")]
+    return decay, no_decay
 
 
 class FineTuneModule(L.LightningModule):
@@ -27,9 +36,15 @@ class FineTuneModule(L.LightningModule):
     - `classes`: the class names in label order; `input_config`: what the model expects of an image
       (`InputConfig.to_dict`), kept for prediction and export;
     - `strategy`: `pretrained`, and the lr multipliers of the groups: the head gets `head_lr_mult`, the
-      backbone `backbone_lr_mult` (and, with `group_by_stage`, stage k of K also `layer_decay ** (K - k)`).
+      backbone `backbone_lr_mult` (and, with `group_by_stage`, stage k of K also `layer_decay ** (K - k)`);
+      `bn`: `train`, or `eval` to keep BatchNorm statistics fixed also in training stages.
       Which stages actually train is decided by the strategy callback (frozen stages get no grad);
     - `optimizer`, `scheduler`: partial configs (`_partial_: true`) that take the param groups / the optimizer;
+      `optimizer.filter_bias_and_bn`: no weight decay on biases and 1-D params (groups `<name>_no_decay`);
+      `scheduler.interval`: `epoch` (default) or `step` (then the schedule also takes `total_steps`);
+    - `loss`: `label_smoothing` and `class_weights` (a weight per class, or None) of the cross-entropy;
+    - `head_init`: `default` (Xavier) or `source` (rows of the pretrained classifier, `head_init_map`: see
+      `finetune.models.head_init`);
     - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`).
     """
 
@@ -44,14 +59,24 @@ class FineTuneModule(L.LightningModule):
         sync_batchnorm: bool = False,
         channels_last: bool = True,
         compile: bool = False,
+        loss: dict[str, Any] | None = None,
+        head_init: str = "default",
+        head_init_map: dict[str, list[int]] | None = None,
         temperature: float = 1.0,
     ):
         super().__init__()  # the multipliers are checked with the config (finetune.validation)
         self.save_hyperparameters(logger=False)  # train.py logs the settings that tell runs apart
         self.backbone = instantiate_unwrapped(backbone, pretrained=strategy["pretrained"])
+        self.backbone.bn_eval = strategy.get("bn", "train") == "eval"  # checkpoints before `bn` lack it
         self.head = nn.Linear(self.backbone.num_features, len(classes))
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if head_init == "source":
+            init_head_from_source(self.head, classes, self.backbone.classifier, head_init_map)
+        loss = loss or {}
+        self.label_smoothing = loss.get("label_smoothing", 0.0)
+        weights = loss.get("class_weights")
+        self.register_buffer("class_weights", None if weights is None else torch.tensor(weights), persistent=False)
         if channels_last:  # NHWC weights: convolutions then run (and return) channels-last, inputs need no change
             self.backbone.to(memory_format=torch.channels_last)
         if compile:  # stage by stage, so a frozen prefix still runs under no_grad (see Backbone)
@@ -72,6 +97,7 @@ class FineTuneModule(L.LightningModule):
             **settings,
             "backbone": {**settings["backbone"], "weights_path": None},  # the weights are in the checkpoint
             "strategy": {**settings["strategy"], "pretrained": False},
+            "head_init": "default",  # the head is in the checkpoint too
         }
         model = cls(**settings)
         model.load_state_dict(checkpoint["state_dict"])
@@ -111,39 +137,58 @@ class FineTuneModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Named groups with their lr multiplier: `backbone` (or `stage0..stageK-1`) and `head`."""
+    def param_groups(self, filter_bias_and_bn: bool = False) -> list[dict[str, Any]]:
+        """Named groups with their lr multiplier: `backbone` (or `stage0..stageK-1`) and `head`; with
+        `filter_bias_and_bn`, each also as `<name>_no_decay` with its biases and 1-D params at weight_decay 0."""
         strategy, stages = self.hparams.strategy, self.backbone.stages
         if strategy["group_by_stage"]:
             count = len(stages)
             groups = [
-                (f"stage{k}", stage.parameters(), strategy["backbone_lr_mult"] * strategy["layer_decay"] ** (count - k))
+                (f"stage{k}", stage, strategy["backbone_lr_mult"] * strategy["layer_decay"] ** (count - k))
                 for k, stage in enumerate(stages)
             ]
         else:
-            groups = [("backbone", stages.parameters(), strategy["backbone_lr_mult"])]
-        groups.append(("head", self.head.parameters(), strategy["head_lr_mult"]))
-        return [
-            {"name": name, "params": params, "lr_mult": mult}
-            for name, params, mult in ((n, list(p), m) for n, p, m in groups)
-            if params
-        ]
+            groups = [("backbone", stages, strategy["backbone_lr_mult"])]
+        groups.append(("head", self.head, strategy["head_lr_mult"]))
+        result = []
+        for name, module, mult in groups:
+            named = list(module.named_parameters())
+            if filter_bias_and_bn:
+                decay, no_decay = decay_split(named)
+                result += [
+                    {"name": name, "params": decay, "lr_mult": mult},
+                    {"name": f"{name}_no_decay", "params": no_decay, "lr_mult": mult, "weight_decay": 0.0},
+                ]
+            else:
+                result.append({"name": name, "params": [p for _, p in named], "lr_mult": mult})
+        return [group for group in result if group["params"]]
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = instantiate(self.hparams.optimizer)(self.param_groups())
+        settings = dict(self.hparams.optimizer)
+        filter_bias_and_bn = settings.pop("filter_bias_and_bn", False)
+        optimizer = instantiate(settings)(self.param_groups(filter_bias_and_bn))
         for group in optimizer.param_groups:  # before the scheduler records them as its base_lrs
             group["lr"] *= group["lr_mult"]
         if self.hparams.scheduler is None:
             return {"optimizer": optimizer}
-        scheduler = instantiate(self.hparams.scheduler)(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        schedule = dict(self.hparams.scheduler)
+        interval = schedule.pop("interval", "epoch")
+        steps = {"total_steps": int(self.trainer.estimated_stepping_batches)} if interval == "step" else {}
+        scheduler = instantiate(schedule)(optimizer, **steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with `loss.class_weights` and `loss.label_smoothing`; `targets` are class indices or
+        (N, C) probabilities (as MixUp/CutMix make them)."""
+        return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = batch  # images, or the frozen backbone's features of them (finetune.caching)
+        inputs, targets = batch  # images, or the frozen backbone's features of them (finetune.caching)
         logits = self(inputs)
-        loss = F.cross_entropy(logits, labels)
+        loss = self.loss(logits, targets)
+        labels = targets.argmax(1) if targets.ndim == 2 else targets  # MixUp/CutMix: soft labels (N, C)
         accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, labels.argmax(1) if labels.ndim == 2 else labels)  # MixUp/CutMix: soft labels (N, C)
+        accuracy(logits, labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True)
