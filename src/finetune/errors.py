@@ -6,6 +6,8 @@ derives from the built-in error it replaces, so `except ValueError` / `FileNotFo
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -45,3 +47,11 @@ def instantiate_unwrapped(config: Any, **kwargs: Any) -> Any:
         if not isinstance(cause, UserError):
             raise
     raise cause
+
+
+def exit_on_user_error(task: Callable[..., Any], *args: Any) -> Any:
+    """Runs a command's task; a UserError ends it with its message as one `Error:` line and exit status 1."""
+    try:
+        return task(*args)
+    except UserError as err:  # a missing or unsafe file, bad data or config: the message says what to change
+        sys.exit(f"Error: {err}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -16,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from finetune.analysis import check_tta, fit_temperature, tta_logits, write_report
 from finetune.builders import rebuild
 from finetune.checkpoint import AtomicCheckpointIO
-from finetune.errors import MissingFileError, UserError
+from finetune.errors import MissingFileError, exit_on_user_error
 from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
 from finetune.predict import default_device
@@ -102,7 +101,4 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UserError as err:  # a missing or unsafe checkpoint, bad data: the message says what to change
-        sys.exit(f"Error: {err}")
+    exit_on_user_error(evaluate, cfg)

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -49,7 +48,7 @@ from torch import nn
 from finetune.builders import rebuild
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.transforms import eval_transform
-from finetune.errors import ConfigError, MissingFileError, UserError
+from finetune.errors import ConfigError, MissingFileError, UserError, exit_on_user_error
 from finetune.models.backbones import InputConfig
 from finetune.train import CONFIG_DIR
 
@@ -204,7 +203,4 @@ def export_checkpoint(cfg: DictConfig) -> tuple[Path, Parity]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)  # and asked for
-    try:
-        export_checkpoint(cfg)
-    except UserError as err:  # a missing or unsafe checkpoint, an unknown format: the message says what to change
-        sys.exit(f"Error: {err}")
+    exit_on_user_error(export_checkpoint, cfg)

@@ -11,7 +11,6 @@ import csv
 import glob
 import itertools
 import os
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from finetune.analysis import check_tta, softmax_probs
 from finetune.builders import rebuild
 from finetune.data.images import IMAGE_EXTENSIONS, ImageReadError, read_rgb
 from finetune.data.transforms import eval_transform
-from finetune.errors import MissingFileError, UserError
+from finetune.errors import MissingFileError, exit_on_user_error
 from finetune.train import CONFIG_DIR
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -220,7 +219,4 @@ def predict_files(cfg: DictConfig) -> PredictionSummary:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
-        predict_files(cfg)
-    except UserError as err:  # a missing or unsafe checkpoint, a missing input: the message says what to change
-        sys.exit(f"Error: {err}")
+    exit_on_user_error(predict_files, cfg)
