@@ -95,7 +95,8 @@ def plain_loop(cfg: DictConfig, steps: int) -> StepClock:
         {"params": [p for p in net.parameters() if id(p) not in head_ids], "lr_mult": 1.0},
         {"params": list(head.parameters()), "lr_mult": cfg.strategy.head_lr_mult},
     ]
-    optimizer = instantiate(cfg.optimizer)(groups)
+    settings = {k: v for k, v in cfg.optimizer.items() if k != "filter_bias_and_bn"}  # d2l decays every weight
+    optimizer = instantiate(settings)(groups)
     for group in optimizer.param_groups:
         group["lr"] *= group["lr_mult"]
     loader = DataLoader(
