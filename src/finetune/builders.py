@@ -26,7 +26,7 @@ from finetune.checkpoint import RUN_SETTINGS, RunSettings
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import ConfigError, MissingFileError, instantiate_unwrapped
 from finetune.finetuning import StageUnfreezing
-from finetune.models.backbones import load_checkpoint_file, load_state_dict_file
+from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
 
 log = logging.getLogger(__name__)
@@ -168,12 +168,14 @@ def run_overrides(ckpt_path: Path) -> list[str]:
     return [_current(str(o)) for o in OmegaConf.load(overrides) if not str(o).startswith(("hydra.", "ckpt_path="))]
 
 
-def _from_run_folder(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModule, FineTuneModule]:
+def _from_run_folder(
+    ckpt_path: Path, state_dict: dict[str, Any], overrides: list[str]
+) -> tuple[ImageFolderDataModule, FineTuneModule]:
     """A checkpoint of an older version: the run's overrides replayed against today's `conf/`."""
     log.warning("%s holds no run settings (an older version wrote it): rebuilding from its run folder", ckpt_path)
     cfg = compose("train", overrides=[*run_overrides(ckpt_path), "strategy.pretrained=false", *overrides])
     datamodule, model = build(cfg)
-    model.load_state_dict(load_state_dict_file(ckpt_path, key="ckpt_path"))
+    model.load_state_dict(state_dict)
     return datamodule, model
 
 
@@ -181,9 +183,10 @@ def rebuild(ckpt_path: Path, overrides: list[str]) -> tuple[ImageFolderDataModul
     """The model a checkpoint holds and the data of its run (with `overrides` of `data.*`), from the settings
     stored in it: no config is read, nothing is downloaded. A checkpoint of an older version, which holds no
     settings, is rebuilt from its run folder's overrides with a warning (needs Hydra initialised, as the CLIs are)."""
-    settings = load_checkpoint_file(ckpt_path, key="ckpt_path").get(RUN_SETTINGS)
+    checkpoint = load_checkpoint_file(ckpt_path, key="ckpt_path")  # read once, for the settings and the weights
+    settings = checkpoint.get(RUN_SETTINGS)
     if settings is None:
-        return _from_run_folder(ckpt_path, overrides)
-    model = FineTuneModule.from_checkpoint(ckpt_path)
+        return _from_run_folder(ckpt_path, checkpoint["state_dict"], overrides)
+    model = FineTuneModule.from_saved(checkpoint, ckpt_path)
     data = OmegaConf.merge(OmegaConf.create(settings), OmegaConf.from_dotlist(overrides)).data
     return instantiate_unwrapped(data, input_config=model.input_config, _convert_="object"), model

@@ -88,11 +88,15 @@ class FineTuneModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> FineTuneModule:
-        """The model a checkpoint holds, rebuilt from its stored settings alone (no config, no download)."""
-        checkpoint = load_checkpoint_file(path, key="ckpt_path")
+        """The model a checkpoint file holds, rebuilt from its stored settings alone (no config, no download)."""
+        return cls.from_saved(load_checkpoint_file(path, key="ckpt_path"), path)
+
+    @classmethod
+    def from_saved(cls, checkpoint: dict[str, Any], source: str | os.PathLike) -> FineTuneModule:
+        """`from_checkpoint` of a checkpoint already loaded (with `weights_only=True`) from `source`."""
         settings = checkpoint.get("hyper_parameters")
         if not isinstance(settings, dict) or "backbone" not in settings:
-            raise ConfigError(f"ckpt_path: {path} was written by an older version: it does not hold its settings")
+            raise ConfigError(f"ckpt_path: {source} was written by an older version: it does not hold its settings")
         settings = {
             **settings,
             "backbone": {**settings["backbone"], "weights_path": None},  # the weights are in the checkpoint
