@@ -5,8 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import TINY, make_image_folder, run_cli
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Tiny runs on one intra-op thread: on a busy 2-core machine two OpenMP threads wait for each other at
+    every small op (a tiny fit took 50 s instead of 4 s here). Results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the command-line runs
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

