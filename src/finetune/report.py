@@ -252,7 +252,7 @@ def plot_curves(runs: Sequence[Run]) -> Figure:
 
 
 def plot_lr(runs: Sequence[Run]) -> Figure | None:
-    """Accuracy against lr (log x) per setting, a line through the mean of its seeds and folds; failed runs as red crosses at 0.
+    """Accuracy against lr (log x) per setting, a line through its repeats' mean; failed runs as red crosses at 0.
 
     None if the lr did not vary.
     """
