@@ -34,6 +34,11 @@ BAD = {
     "data.random_erasing=1.5": "data.random_erasing=1.5 must be a probability in [0, 1] (0 = off)",
     "data.mixup=-0.2": "data.mixup=-0.2 must be >= 0 (0 = off)",
     "data.sampler=weighted": "data.sampler=weighted must be one of shuffle, balanced",
+    "data.folds=1": "data.folds=1 must be an integer >= 2 (null = no cross-validation)",
+    "data.folds=2.5": "data.folds=2.5 must be an integer >= 2 (null = no cross-validation)",
+    "data.folds=5 data.fold=5": "data.fold=5 must be one of 0..4 (data.folds=5; folds count from 0)",
+    "data.folds=5 data.fold=-1": "data.fold=-1 must be one of 0..4 (data.folds=5; folds count from 0)",
+    "data.fold=2": "data.fold=2 needs data.folds, the number of folds (e.g. data.folds=5 data.fold=2)",
     "strategy=freeze callbacks.feature_cache.enabled=true data.mixup=0.2 data.cutmix=1.0": (
         "data.mixup=0.2 and data.cutmix=1.0: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true "
         "trains on cached features: set the mix to 0 or callbacks.feature_cache.enabled=false"

@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         temperature = fit_temperature(*gather_logits(model, datamodule.val_dataloader(), device, tta, "validation"))
         store_temperature(ckpt_path, temperature)
         notes.append(f"temperature fitted on the validation split and stored in {ckpt_path.name}")
-        if not datamodule.val_fraction:
+        if datamodule.validates_on_test:
             notes.append(
                 "the validation split is the test split (data.val_fraction=0): the ECE after scaling is optimistic"
             )

@@ -24,7 +24,9 @@ from omegaconf import OmegaConf
 from finetune.run_status import read_status
 
 CURVES = ("val/acc", "val/loss", "train/acc_epoch", "train/loss_epoch")
-GROUPED_OUT = ("seed",)  # runs that differ only in these are repeats of one setting
+# Runs that differ only in these are repeats of one setting (seeds, cross-validation folds), by their plural
+REPEATS = {"seed": "seeds", "data.fold": "folds"}
+GROUPED_OUT = tuple(REPEATS)
 
 
 # The figures of a run's test error analysis shown for the best run, by caption.
@@ -136,7 +138,7 @@ def _value(text: str | None) -> str:
 
 
 def setting(run: Run, keys: Sequence[str], ignore: Sequence[str] = GROUPED_OUT) -> str:
-    """The run's values of `keys` but the ignored ones (the seed): what its repeats have in common."""
+    """The run's values of `keys` but the ignored ones (seed, fold): what its repeats have in common."""
     return " ".join(f"{k}={_value(run.overrides.get(k))}" for k in keys if k not in ignore) or "all runs"
 
 
@@ -192,8 +194,14 @@ def groups(runs: Sequence[Run], ignore: Sequence[str] = GROUPED_OUT) -> dict[str
     return grouped
 
 
+def repeated_over(runs: Sequence[Run]) -> str:
+    """What the summary averages over: the repeat keys that vary (`seeds`, `folds`, `seeds and folds`)."""
+    varying = varying_keys(runs)
+    return " and ".join(name for key, name in REPEATS.items() if key in varying) or "repeats"
+
+
 def summary_table(runs: Sequence[Run]) -> str:
-    """Repeated seeds of one setting as mean ± sample std over its completed runs."""
+    """Repeats of one setting (seeds, folds) as mean ± sample std over its completed runs."""
     header = ["setting", "completed", "best val acc", "test acc", "test macro-F1", "wall time (s)"]
     rows = []
     for label, members in groups(runs).items():
@@ -244,7 +252,7 @@ def plot_curves(runs: Sequence[Run]) -> Figure:
 
 
 def plot_lr(runs: Sequence[Run]) -> Figure | None:
-    """Accuracy against lr (log x) per setting, a line through the seeds' mean; failed runs as red crosses at 0.
+    """Accuracy against lr (log x) per setting, a line through its repeats' mean; failed runs as red crosses at 0.
 
     None if the lr did not vary.
     """
@@ -272,7 +280,7 @@ def plot_lr(runs: Sequence[Run]) -> Figure | None:
 
 
 def plot_strategies(runs: Sequence[Run]) -> Figure | None:
-    """Mean best val and test accuracy per setting (error bar: std over seeds). None if one strategy only."""
+    """Mean best val and test accuracy per setting (error bar: std over seeds and folds). None if one strategy only."""
     if len({r.strategy for r in runs}) < 2:
         return None
     labels, stats = [], []
@@ -289,7 +297,7 @@ def plot_strategies(runs: Sequence[Run]) -> Figure | None:
         bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
         ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
     ax.set_xticks(range(len(labels)), labels, fontsize="small", rotation=20, ha="right")
-    ax.set(ylabel="accuracy", ylim=(0, 1.05), title="strategies (mean ± std over seeds)")
+    ax.set(ylabel="accuracy", ylim=(0, 1.05), title=f"strategies (mean ± std over {repeated_over(runs)})")
     ax.legend(fontsize="small", loc="lower right")
     return fig
 
@@ -303,7 +311,7 @@ def write_report(folder: str | os.PathLike) -> str:
     if failed:
         parts += ["", "Failed runs:", "", *failed]
     if any(len(members) > 1 for members in groups(runs).values()):
-        parts += ["", "## Summary (mean ± std over seeds)", "", summary_table(runs)]
+        parts += ["", f"## Summary (mean ± std over {repeated_over(runs)})", "", summary_table(runs)]
     best = best_run(runs)
     if best is not None:
         parts += [

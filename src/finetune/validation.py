@@ -64,6 +64,18 @@ def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
         )
 
 
+def _fold_problems(cfg: DictConfig) -> Iterator[str]:
+    """Cross-validation: `data.folds` null (off) or an integer >= 2, `data.fold` one of its folds."""
+    folds, fold = OmegaConf.select(cfg, "data.folds"), OmegaConf.select(cfg, "data.fold")
+    if folds is None:
+        if fold not in (None, 0):
+            yield f"data.fold={fold} needs data.folds, the number of folds (e.g. data.folds=5 data.fold={fold})"
+    elif isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        yield f"data.folds={folds} must be an integer >= 2 (null = no cross-validation)"
+    elif isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        yield f"data.fold={fold} must be one of 0..{folds - 1} (data.folds={folds}; folds count from 0)"
+
+
 def _missing(value: object, key: str = "") -> Iterator[str]:
     """The keys whose value is `???` in a plain container (OmegaConf.missing_keys resolves every interpolation)."""
     if isinstance(value, dict):
@@ -113,6 +125,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if late := _late_unfreezing(cfg):
         problems.append(late)
     problems += _augmentation_problems(cfg)
+    problems += _fold_problems(cfg)
     return problems
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +22,32 @@ log = logging.getLogger(__name__)
 
 # Largest / smallest class of the training split above which setup warns
 IMBALANCE_WARNING = 3.0
+
+
+def read_labels(dataset: Dataset, indices: Iterable[int]) -> list[int]:
+    """The labels of some samples, read from the dataset's `targets` (ImageFolder, torchvision) without decoding."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        return [dataset[index][1] for index in indices]
+    return [int(targets[index]) for index in indices]
+
+
+def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> list[list[int]]:
+    """The sample indices of each of `folds` folds, for cross-validation: each class's samples, shuffled by `seed`,
+    are dealt round-robin, one class after the other, so every fold keeps each class's share (its count differs
+    by at most 1 between folds), the folds' sizes differ by at most 1, and the same seed gives the same folds."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    generator = torch.Generator().manual_seed(seed)
+    dealt: list[list[int]] = [[] for _ in range(folds)]
+    position = 0
+    for label in sorted(by_class):
+        members = by_class[label]
+        for order in torch.randperm(len(members), generator=generator).tolist():
+            dealt[position % folds].append(members[order])
+            position += 1
+    return [sorted(fold) for fold in dealt]
 
 
 class Transformed(Dataset):
@@ -43,11 +69,8 @@ class Transformed(Dataset):
 
     @property
     def labels(self) -> list[int]:
-        """Every sample's label, read from the dataset's `targets` (ImageFolder, torchvision) without decoding."""
-        targets = getattr(self.dataset, "targets", None)
-        if targets is None:
-            return [self.dataset[index][1] for index in self.indices]
-        return [int(targets[index]) for index in self.indices]
+        """Every sample's label (`read_labels`)."""
+        return read_labels(self.dataset, self.indices)
 
 
 def default_num_workers() -> int:
@@ -58,7 +81,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     """`root/train/<class>/*` and `root/test/<class>/*` (or `val/`) with the d2l transforms.
 
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
-    (as d2l does). `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
+    (as d2l does); with `folds` (cross-validation), fold `fold` of train's `stratified_folds` instead, never the
+    test split. `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
     override it when set. Unreadable images stop `setup` with their names, or with `skip_bad_images` are
     left out and logged. Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing`
     (a probability), `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
@@ -83,12 +107,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         sampler: str = "shuffle",
+        folds: int | None = None,
+        fold: int = 0,
         seed: int = 0,
     ):
         super().__init__()
         self.root = Path(root).expanduser() if root is not None else None
         self.batch_size = batch_size
         self.val_fraction = val_fraction
+        self.folds, self.fold = folds, fold
         self.input_config = input_config.overridden(image_size=image_size, mean=mean, std=std)
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
@@ -101,6 +128,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self.labels: dict[str, list[int]] = {}  # every split's labels, read once at setup
+        self.validates_on_test = False  # set up with no validation images: the test split validates (as d2l)
 
     # What subclasses change: where the data is and how a split is read.
     @property
@@ -142,14 +170,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.datasets:
             return
         train, test = self.read_split("train"), self.read_split("test")
-        indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-        num_val = round(len(train) * self.val_fraction)
-        if num_val == len(train):
-            raise ConfigError(f"data.val_fraction={self.val_fraction} leaves none of the {len(train)} training images")
+        training, validation = self.split_train(train)
+        self.validates_on_test = not validation
         self.datasets = {
-            "train": Transformed(train, indices[num_val:], self.train_transform),
-            "val": Transformed(train, indices[:num_val], self.eval_transform)
-            if num_val
+            "train": Transformed(train, training, self.train_transform),
+            "val": Transformed(train, validation, self.eval_transform)
+            if validation
             else Transformed(test, range(len(test)), self.eval_transform),
             "test": Transformed(test, range(len(test)), self.eval_transform),
         }
@@ -159,6 +185,20 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the {len(self.datasets['train'])} training "
                 "images and data.drop_last=true: no batch would be left"
             )
+
+    def split_train(self, train: Dataset) -> tuple[list[int], list[int]]:
+        """The indices of `train` that train and those that validate: fold `fold` of `folds` stratified folds
+        validates, or else a seeded `val_fraction` of the images (none: the test split validates)."""
+        if self.folds:
+            folds = stratified_folds(read_labels(train, range(len(train))), self.folds, self.seed)
+            if not folds[-1]:
+                raise ConfigError(f"data.folds={self.folds} is more than the {len(train)} training images")
+            return sorted(i for k, members in enumerate(folds) if k != self.fold for i in members), folds[self.fold]
+        indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        num_val = round(len(train) * self.val_fraction)
+        if num_val == len(train):
+            raise ConfigError(f"data.val_fraction={self.val_fraction} leaves none of the {len(train)} training images")
+        return indices[num_val:], indices[:num_val]
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class of a split, in label order (for class-balanced loss weights). Sets the data up first
