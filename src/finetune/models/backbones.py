@@ -337,6 +337,16 @@ def package_weights_file(name: str) -> Path:
     return Path(getattr(module, file_class).get_model_file_path())
 
 
+def package_state_dict(name: str, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The package's ImageNet weights (`package_weights_file`) under the names of timm's `name` (or of its
+    `model`), loaded by position: also what other libraries that build timm models can load."""
+    import timm
+
+    state = torch.load(package_weights_file(name), map_location="cpu", weights_only=True)
+    names = (model or timm.create_model(name, pretrained=False)).state_dict()
+    return dict(zip(names, state.values(), strict=True))
+
+
 def timm_backbone(
     name: str, pretrained: bool = True, weights_path: str | None = None, package_weights: bool = False
 ) -> Backbone:
@@ -356,8 +366,7 @@ def timm_backbone(
             weights_path,
         )
     elif pretrained and package_weights:
-        state = torch.load(package_weights_file(name), map_location="cpu", weights_only=True)
-        model.load_state_dict(dict(zip(model.state_dict(), state.values(), strict=True)))  # by position
+        model.load_state_dict(package_state_dict(name, model))
     elif pretrained:
         try:
             timm.models.load_pretrained(model)
