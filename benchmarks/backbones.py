@@ -6,10 +6,9 @@ probe and with the recommended recipe, on real photos: test accuracy against par
     python -m benchmarks.backbones --tiny              # generated images (data=synthetic), 2 steps per run
 
 Every run is train.py's fit and test in this process (`benchmarks._common.fit`, then the test of the final
-weights, as train.py reports them), with train.py's defaults, those of its default data included (batch 128,
-the test split validates, as in d2l), on each image folder at the size given. Two rows per backbone and data
-set: the linear probe (`strategy=freeze`) and the recipe (`--recipe`, Hydra overrides; default
-`strategy=finetune`, i.e. train.py's defaults), so a recipe chosen later is compared by passing it. Trailing
+weights, as train.py reports them), with train.py's defaults (batch 32, 10% of train validates), on each image
+folder at the size given. Two rows per backbone and data set: the linear probe (`strategy=freeze`) and the
+recipe (`--recipe`, Hydra overrides; default: none, i.e. train.py's recommended recipe). Trailing
 overrides apply to every run. Training images/s: the images of every training step over its time, leaving
 out each epoch's first step (it waits for the loader and follows validation). The table is printed and the
 plot (test accuracy against parameters and against training images/s) written after each seed, so a run cut
@@ -77,12 +76,6 @@ class TrainingClock(StepClock):
         if not steps:
             raise ValueError("one step per epoch: no step to time (the first of each epoch is left out)")
         return sum(self.images[i] for i in steps) / sum(self.times[i] - self.times[i - 1] for i in steps)
-
-
-def default_data_settings(root: Path) -> list[str]:
-    """The settings of train.py's default data (conf/data/hotdog.yaml) that an image folder does not share."""
-    data = compose_config([], root).data
-    return [f"data.{key}={data[key]}" for key in ("batch_size", "val_fraction")]
 
 
 def run(overrides: list[str], root: Path) -> dict[str, float]:
@@ -177,7 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--datasets", nargs="+", default=list(SIZES), choices=list(SIZES), help="under --root")
     parser.add_argument("--root", type=Path, default=DATASETS, help="where the data sets are")
     parser.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
-    parser.add_argument("--recipe", default="strategy=finetune", help="the recipe's overrides, in one argument")
+    parser.add_argument("--recipe", default="", help="the recipe's overrides in one argument (default: train.py's)")
     parser.add_argument("--seeds", default="1")
     parser.add_argument("--tiny", action="store_true", help="generated images (data=synthetic), 32 px, 2 steps a run")
     parser.add_argument("--out", type=Path, help="the runs; default: logs/benchmarks/backbones/<time>")
@@ -189,12 +182,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         name: ["data=imagefolder", f"data.root={args.root / name}", f"data.image_size={SIZES[name]}"]
         for name in args.datasets
     }
-    defaults, extra = default_data_settings(out), args.overrides
+    extra = args.overrides
     if args.tiny:
         data, extra = {"tiny": TINY_DATA}, [*TINY, *extra]
     plot_path = args.plot or (out / "backbones.png" if args.tiny else PLOT)
-    strategies = {" ".join(PROBE): PROBE, args.recipe: args.recipe.split()}
-    common = " ".join([*defaults, *QUIET, *NO_CHECKPOINTS, *extra])
+    strategies = {" ".join(PROBE): PROBE, args.recipe or "recipe": args.recipe.split()}
+    common = " ".join([*QUIET, *NO_CHECKPOINTS, *extra])
     print(f"# Backbones: {machine()}\n# every run: {common}\n", flush=True)
 
     results = []
@@ -204,7 +197,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 for label, strategy in strategies.items():
                     overrides = [
                         *data_overrides,
-                        *defaults,
                         f"model={backbone}",
                         *QUIET,
                         *NO_CHECKPOINTS,

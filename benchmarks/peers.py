@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--model", nargs="+", default=["model=efficientnet_lite0"], help="our model overrides")
     parser.add_argument("--peers", nargs="+", default=["fastai", "ours"], choices=["fastai", "ours"])
     parser.add_argument("--tiny", type=Path, help="an image folder: a tiny untrained model, 32 px (tests)")
-    parser.add_argument("--out", type=Path, help="where the results go as JSON lines")
+    parser.add_argument("--out", type=Path, help="JSON lines, appended to: the table sums up every run in it")
     parser.add_argument("--peer", choices=["fastai", "ours"], help=argparse.SUPPRESS)  # one run, in this process
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                 if args.out:
                     with args.out.open("a") as out:
                         out.write(json.dumps(result) + "\n")
+    if args.out:  # runs of earlier invocations too (more seeds later, a run cut short)
+        results = [json.loads(line) for line in args.out.read_text().splitlines()]
     print(summary(results))
     return results
 

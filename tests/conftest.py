@@ -30,8 +30,8 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def strategy_sweep(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> tuple[Path, str]:
     """`train.py -m strategy=freeze,finetune seed=1,2`, tiny, 2 epochs: its multirun folder and printed output."""
     root = tmp_path_factory.mktemp("sweep")
-    args = ["-m", "strategy=freeze,finetune", "seed=1,2", "data=imagefolder", f"data.root={image_folder}"]
-    result = run_cli(["train.py", *args, "strategy.pretrained=false", *TINY, "trainer.max_epochs=2"], root)
+    args = ["-m", *TINY, "strategy=freeze,finetune", "seed=1,2", "data=imagefolder", f"data.root={image_folder}"]
+    result = run_cli(["train.py", *args, "strategy.pretrained=false", "trainer.max_epochs=2"], root)
     assert result.returncode == 0, result.output
     (folder,) = (root / "logs" / "train" / "multiruns").iterdir()
     return folder, result.output

@@ -32,7 +32,7 @@ def trained_run(tmp_path_factory, image_folder) -> tuple[Path, str]:
         f"data.root={image_folder}",
         "strategy.pretrained=false",
     ]
-    result = run_cli(["train.py", *args, *TINY, "trainer.max_epochs=2"], root)
+    result = run_cli(["train.py", *TINY, *args, "trainer.max_epochs=2"], root)
     assert result.returncode == 0, result.output
     return only_run(root), result.output
 

@@ -59,16 +59,15 @@ def test_option_composes_and_targets_resolve(tmp_path, group, option):
         assert callable(get_method(target)), target
 
 
-def test_defaults_are_the_d2l_recipe(tmp_path):
+def test_defaults_are_the_recommended_recipe(tmp_path):
     cfg = compose_train(tmp_path, [])
     assert cfg.data._target_.endswith("HotdogDataModule") and cfg.model.name == "resnet18"
-    assert cfg.strategy.name == "finetune" and cfg.strategy.head_lr_mult == 10
-    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.data.batch_size, cfg.trainer.max_epochs) == (
-        6.4e-3,
-        1e-3,
-        128,
-        5,
-    )
+    # the head alone for 1 epoch, then everything (benchmarks/peers.py)
+    assert (cfg.strategy.name, cfg.strategy.unfreeze_at, cfg.strategy.head_lr_mult) == ("freeze_unfreeze", [1], 10)
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.filter_bias_and_bn is True
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.loss.label_smoothing) == (3e-4, 0.05, 0.1)
+    assert cfg.scheduler._target_.endswith("warmup_cosine") and cfg.scheduler.interval == "step"
+    assert (cfg.data.batch_size, cfg.data.val_fraction, cfg.trainer.max_epochs) == (32, 0.1, 5)
 
 
 def test_experiments_pin_their_recipes(tmp_path):
@@ -88,3 +87,6 @@ def test_experiments_pin_their_recipes(tmp_path):
     assert mobilenet.strategy.unfreeze_at == [2] and mobilenet.strategy.backbone_lr_mult == 0.1
     assert (mobilenet.scheduler.step_size, mobilenet.scheduler.gamma, mobilenet.trainer.max_epochs) == (3, 0.1, 5)
     assert mobilenet.optimizer._target_ == "torch.optim.Adam" and mobilenet.optimizer.lr == 1e-3
+    assert mobilenet.loss.label_smoothing == 0.0
+    lp_ft = compose_train(tmp_path, ["experiment=lp_ft"])
+    assert (lp_ft.strategy.unfreeze_at, lp_ft.strategy.bn, lp_ft.scheduler.gamma) == ([2], "eval", 0.1)

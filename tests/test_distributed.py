@@ -35,6 +35,7 @@ DDP_RUN = [
     "strategy.pretrained=false",
     "strategy=freeze_unfreeze",
     "strategy.unfreeze_at=[1]",
+    "optimizer=sgd",
     "optimizer.momentum=0.9",
 ]
 

@@ -62,6 +62,7 @@ def run(root: Path, image_folder: Path, *overrides: str, ckpt_path: Path | None 
             *TINY,
             "strategy.pretrained=false",
             f"optimizer.lr={LR}",
+            "optimizer=sgd",
             "optimizer.momentum=0",
             "optimizer.weight_decay=0",
             "callbacks.model_checkpoint.save_top_k=-1",

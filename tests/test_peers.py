@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import timm
@@ -26,13 +27,15 @@ def test_tiny_benchmark_runs_both_peers_and_tabulates(tmp_path, image_folder, ca
     both = importlib.util.find_spec("fastai") is not None  # an optional extra: pip install -e ".[peers]"
     chosen = ["fastai", "ours"] if both else ["ours"]
     tiny = ["--tiny", str(image_folder), "--data", "tiny", "--seeds", "1", "--epochs", "2", "--peers", *chosen]
+    earlier = {"data": "tiny", "peer": "ours", "seed": 0, "test_acc": 1.0, "fit_s": 1.0}  # an earlier invocation's
+    (tmp_path / "runs.jsonl").write_text(json.dumps(earlier) + "\n")
     results = peers.main([*tiny, "--arch", "mobilenetv3_small_050", "--out", str(tmp_path / "runs.jsonl")])
-    assert [r["peer"] for r in results] == chosen
-    for result in results:
+    assert [r["peer"] for r in results] == ["ours", *chosen]
+    for result in results[1:]:
         assert 0.0 <= result["test_acc"] <= 1.0 and result["fit_s"] > 0
-    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(chosen)
-    table = capsys.readouterr().out
-    assert "| tiny |" in table and ("| - |" in table) != both  # a peer not run is a dash
+    table = capsys.readouterr().out.splitlines()[-1]
+    assert table.startswith("| tiny |") and " (2) |" in table  # both of our runs in the table
+    assert ("| - |" in table) != both  # a peer not run is a dash
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fastai") is None, reason="fastai not installed (extra: peers)")

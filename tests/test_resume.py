@@ -36,6 +36,7 @@ RUN = [
     "strategy=freeze_unfreeze",
     "strategy.unfreeze_at=[1]",
     "scheduler=cosine",  # every group's lr changes each epoch
+    "optimizer=sgd",
     "optimizer.momentum=0.9",  # optimizer state that must survive the kill
     "callbacks.mid_epoch_checkpoint.train_time_interval=null",
     "callbacks.mid_epoch_checkpoint.every_n_train_steps=2",

@@ -68,6 +68,7 @@ def run(root: Path, image_folder: Path, *overrides: str, ckpt_path: Path | None 
             "strategy.pretrained=false",
             "+trainer.limit_train_batches=1",  # the probe looks at the first step of each epoch
             f"optimizer.lr={LR}",
+            "optimizer=sgd",
             "optimizer.momentum=0",
             "optimizer.weight_decay=0",
             "callbacks.model_checkpoint.save_top_k=-1",

@@ -69,7 +69,7 @@ def test_every_model_family_finetunes(tmp_path, image_folder, model):
 
 
 def test_optimizer_has_named_groups_with_head_at_10x(tmp_path):
-    cfg = compose_train(tmp_path, ["strategy.pretrained=false", "optimizer.lr=0.01"])
+    cfg = compose_train(tmp_path, ["strategy.pretrained=false", "optimizer=sgd", "scheduler=none", "optimizer.lr=0.01"])
     model = build(cfg)[1]
     optimizer = model.configure_optimizers()["optimizer"]
     groups = {g["name"]: g for g in optimizer.param_groups}

@@ -120,6 +120,7 @@ def test_ema_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp
                 f"callbacks.ema.decay={DECAY}",
                 "trainer.max_epochs=2",
                 "trainer.deterministic=true",
+                "optimizer=sgd",
                 "optimizer.momentum=0.9",
             ],
         )

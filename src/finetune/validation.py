@@ -7,6 +7,7 @@ the key to change.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.data.transforms import AUGMENTATIONS
 from finetune.errors import ConfigError
 from finetune.run_status import command_line
+
+log = logging.getLogger(__name__)
 
 # Every backbone here (ResNet, MobileNetV2, EfficientNet) shrinks its input 32x: below 32 px the last
 # stage sees less than one pixel.
@@ -42,8 +45,8 @@ def _late_unfreezing(cfg: DictConfig) -> str | None:
     if not late:
         return None
     return (
-        f"strategy.unfreeze_at={epochs} must be < trainer.max_epochs={max_epochs} (epochs count from 0): "
-        f"stages unfrozen at epoch {late} would never train"
+        f"strategy.unfreeze_at={epochs} with trainer.max_epochs={max_epochs} (epochs count from 0): the stages "
+        f"unfrozen at epoch {late} never train"
     )
 
 
@@ -122,8 +125,6 @@ def config_problems(cfg: DictConfig) -> list[str]:
     val_fraction = OmegaConf.select(cfg, "data.val_fraction")
     if val_fraction is not None and not 0 <= val_fraction < 1:
         problems.append(f"data.val_fraction={val_fraction} must be in [0, 1) (0 = validate on the test split)")
-    if late := _late_unfreezing(cfg):
-        problems.append(late)
     problems += _augmentation_problems(cfg)
     problems += _fold_problems(cfg)
     return problems
@@ -133,3 +134,5 @@ def validate(cfg: DictConfig, rules: Callable[[DictConfig], list[str]] = config_
     """Raises one ConfigError that lists every problem of the config (`missing_values` for eval.py's)."""
     if problems := rules(cfg):
         raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+    if late := _late_unfreezing(cfg):  # a warning: a short run of the default strategy trains the head alone
+        log.warning(late)
