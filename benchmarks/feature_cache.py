@@ -37,7 +37,7 @@ def run_train(args: list[str], root: Path, name: str) -> dict[str, object]:
     output = result.stdout + result.stderr
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    events = EventAccumulator(str(next((run_dir / "tensorboard").iterdir()))).Reload()  # tensorboard/<run name>/
     ends = [event.wall_time for event in events.Scalars("train/loss_epoch")]
     extractions = re.findall(r"Features of \d+ images computed in ([\d.]+) s", output)
     return {

@@ -43,6 +43,12 @@ def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "trai
     return compose_config(overrides, tmp_path, config_name)
 
 
+def event_dir(run_dir: Path) -> Path:
+    """The folder of a run's TensorBoard events, `<run>/tensorboard/<run name>/` (`run_name` in conf/train.yaml)."""
+    (folder,) = (run_dir / "tensorboard").iterdir()
+    return folder
+
+
 def run_cli(args: list[str], root: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs a project command (`train.py ...`) as a user types it, with logs and data under `root`."""
     env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}

@@ -24,7 +24,7 @@ from finetune.export import export_checkpoint, read_sidecar
 from finetune.models.module import FineTuneModule
 from finetune.predict import predict_files
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder, run_cli
+from tests.helpers import TINY, compose_train, event_dir, make_image_folder, run_cli
 
 HOTDOG64 = PROJECT_ROOT.parent / "shared" / "datasets" / "hotdog64"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated, and asked for
@@ -89,7 +89,7 @@ def test_train_analyses_its_test(trained):
     assert f"| accuracy | {accuracy:.4f} |" in text and "| macro-F1 |" in text and "| ECE (15 bins) |" in text
     assert_image(run / "eval" / "confusion_matrix.png")
     assert_image(run / "eval" / "reliability.png")
-    events = EventAccumulator(str(run / "tensorboard"))
+    events = EventAccumulator(str(event_dir(run)))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"test/macro_f1", "test/balanced_acc", "test/ece", "hp/test/macro_f1", "hp/test/ece"} <= scalars

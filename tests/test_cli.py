@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.train import train
-from tests.helpers import TINY, compose_train, run_cli
+from tests.helpers import TINY, compose_train, event_dir, run_cli
 
 
 def printed_accuracy(output: str) -> float:
@@ -45,7 +45,7 @@ def test_train_writes_config_checkpoints_and_events(trained_run):
 
 
 def test_tensorboard_events_hold_the_logged_scalars(trained_run):
-    events = EventAccumulator(str(trained_run[0] / "tensorboard"))
+    events = EventAccumulator(str(event_dir(trained_run[0])))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {"train/loss_step", "train/acc_epoch", "val/loss", "val/acc", "test/acc", "trainable_stages"}

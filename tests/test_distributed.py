@@ -20,7 +20,7 @@ from torch import nn
 from finetune.builders import build
 from finetune.errors import ConfigError
 from finetune.train import train
-from tests.helpers import TINY, compose_train, run_cli
+from tests.helpers import TINY, compose_train, event_dir, run_cli
 
 # convnext_atto normalises with LayerNorm (per sample, unlike BatchNorm), so 2 ranks x batch 4 must
 # compute what 1 process x batch 8 does, through the unfreeze at epoch 1 included.
@@ -48,7 +48,7 @@ def _restore_determinism():
 
 def scalars(run: Path) -> dict[str, float]:
     """The last value of every scalar in the run's TensorBoard events."""
-    events = EventAccumulator(str(run / "tensorboard"))
+    events = EventAccumulator(str(event_dir(run)))
     events.Reload()
     return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
 
@@ -81,7 +81,7 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder,
     # Only rank 0 writes checkpoints and events; rank 1 has its own Hydra log file only.
     files = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
     assert len(files) == 2 and re.fullmatch(r"epoch_00\d.ckpt", files[0]) and files[1] == "last.ckpt", files
-    writers = {p.name.split(".")[-2] for p in (ddp_run / "tensorboard").glob("events.out.tfevents.*")}
+    writers = {p.name.split(".")[-2] for p in (ddp_run / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # event files of one process id
     assert (ddp_run / "train_ddp_process_1.log").is_file()
 
@@ -186,6 +186,6 @@ def test_every_strategy_runs_under_cpu_ddp(tmp_path, image_folder, strategy, tra
     assert result.returncode == 0, result.output[-3000:]
     assert "parameters that were not used" not in result.output  # DDP's unused-parameters error
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
-    events = EventAccumulator(str(run / "tensorboard"))
+    events = EventAccumulator(str(event_dir(run)))
     events.Reload()
     assert [e.value for e in events.Scalars("trainable_stages")] == trainable

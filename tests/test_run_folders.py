@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.run_dirs import unique_dir
 from finetune.train import PROJECT_ROOT
-from tests.helpers import TINY, run_cli
+from tests.helpers import TINY, event_dir, run_cli
 
 # A machine busy with other work: TensorBoard's writer thread lags behind, so whatever a process leaves to that
 # thread when it exits (it is a daemon) is lost unless the writer is closed first.
@@ -37,7 +37,7 @@ def test_a_run_s_event_file_is_complete_even_when_its_writer_lags(tmp_path, imag
     result = run_cli(["-c", SLOW_WRITER, *sweep, *args], tmp_path)
     assert result.returncode == 0, result.output
     (folder,) = (tmp_path / "logs" / "train" / ("multiruns" if multirun else "runs")).iterdir()
-    events = EventAccumulator(str(folder / "1" / "tensorboard" if multirun else folder / "tensorboard"))
+    events = EventAccumulator(str(event_dir(folder / "1" if multirun else folder)))
     events.Reload()
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
     assert {"hp/val/acc", "hp/test/loss", "hp/test/acc", "test/acc"} <= set(events.Tags()["scalars"])
@@ -80,7 +80,7 @@ def test_runs_started_together_get_their_own_folders_and_resume_their_own(tmp_pa
     seeds = sorted(next(o for o in run if o.startswith("seed=")) for run in overrides)
     assert seeds == ["seed=1", "seed=2"]
     for run in new:
-        writers = {path.name.split(".")[4] for path in (run / "tensorboard").glob("events.out.tfevents.*")}
+        writers = {path.name.split(".")[4] for path in (run / "tensorboard").rglob("events.out.tfevents.*")}
         assert len(writers) == 1  # one process's event files (named by its pid)
         assert (run / "checkpoints" / "last.ckpt").is_file()
     newest = max(new, key=lambda run: (run / "checkpoints" / "last.ckpt").stat().st_mtime)

@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 
-from tests.helpers import TINY, run_cli
+from tests.helpers import TINY, event_dir, run_cli
 
 
 def test_every_job_of_a_sweep_has_its_run_folder_with_its_overrides(strategy_sweep):
@@ -28,7 +31,43 @@ def test_every_job_of_a_sweep_has_its_run_folder_with_its_overrides(strategy_swe
     for job in jobs:
         status = json.loads((job / "status.json").read_text())
         assert status["status"] == "completed" and status["wall_time_s"] > 0
-        assert list((job / "tensorboard").glob("events.out.tfevents.*"))
+        assert list(event_dir(job).glob("events.out.tfevents.*"))
+
+
+def tensorboard_view(logdir: Path) -> tuple[list[str], api_pb2.Experiment]:
+    """What `tensorboard --logdir <logdir>` shows: its run names, and the HPARAMS tab's experiment (columns in
+    order, metrics) as TensorBoard's hparams plugin builds it from the event files."""
+    runs = plugin_event_multiplexer.EventMultiplexer().AddRunsFromDirectory(str(logdir))
+    runs.Reload()
+    provider = data_provider.MultiplexerDataProvider(runs, str(logdir))
+    tab = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), multiplexer=runs, data_provider=provider))
+    request = context.RequestContext()
+    experiment = tab.experiment_from_metadata(
+        request, "", True, tab.hparams_metadata(request, ""), tab.hparams_from_data_provider(request, "", limit=None)
+    )
+    return sorted(runs.Runs()), experiment
+
+
+def test_tensorboard_lists_a_sweep_by_its_overrides_and_its_hparams_by_the_swept_keys(strategy_sweep):
+    folder, _ = strategy_sweep
+    runs, experiment = tensorboard_view(folder)
+    jobs = {"0": ("freeze", 1), "1": ("freeze", 2), "2": ("finetune", 1), "3": ("finetune", 2)}
+    assert [run.split("/")[:2] for run in runs] == [[job, "tensorboard"] for job in jobs]
+    for run, (strategy, seed) in zip(runs, jobs.values(), strict=True):
+        name = run.split("/", 2)[2]  # the job's overrides, the swept ones first; no paths
+        assert name.startswith(f"strategy={strategy},seed={seed},") and "debug=tiny" in name and "root" not in name
+
+    columns = [info.name for info in experiment.hparam_infos]
+    assert columns[:2] == ["seed", "strategy"]  # what the sweep varies first; TensorBoard sorts the rest by name
+    assert [info.differs for info in experiment.hparam_infos].count(True) == 2
+    assert {"optimizer", "optimizer.lr", "model", "data.batch_size", "data.augment", "strategy.head_lr_mult"} <= set(
+        columns
+    )
+    left_out = {"_target_", "_partial_", "num_workers", "pin_memory", "persistent_workers", "root", "paths"}
+    assert not [column for column in columns if left_out & set(column.split("."))]
+    assert "data.seed" not in columns and "strategy.name" not in columns  # ${seed} and strategy= again
+    metrics = [info.name.tag for info in experiment.metric_infos]
+    assert metrics[:3] == ["hp/val/acc", "hp/test/acc", "hp/test/macro_f1"]
 
 
 def test_each_run_logs_its_hyperparameters_with_its_final_metrics_for_the_hparams_tab(strategy_sweep):
@@ -36,17 +75,16 @@ def test_each_run_logs_its_hyperparameters_with_its_final_metrics_for_the_hparam
     for job, (strategy, seed) in zip(
         "0123", [("freeze", 1), ("freeze", 2), ("finetune", 1), ("finetune", 2)], strict=True
     ):
-        events = EventAccumulator(str(folder / job / "tensorboard"))
+        events = EventAccumulator(str(event_dir(folder / job)))
         events.Reload()
         content = events.PluginTagToContent("hparams")
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         hparams = start.session_start_info.hparams
-        assert hparams["strategy/name"].string_value == strategy and hparams["seed"].number_value == seed
-        assert hparams["optimizer/lr"].number_value == 6.4e-3
-        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-        assert {"hp/val/acc", "hp/test/acc"} <= {m.name.tag for m in experiment.metric_infos}
+        assert hparams["strategy"].string_value == strategy and hparams["seed"].number_value == seed
+        assert hparams["optimizer.lr"].number_value == 6.4e-3 and hparams["optimizer"].string_value == "sgd"
         final = events.Scalars("hp/test/acc")[-1].value
         assert final == events.Scalars("test/acc")[-1].value  # the metric beside the hparams is the run's result
+        assert events.Scalars("hp/test/macro_f1")[-1].value == events.Scalars("test/macro_f1")[-1].value
 
 
 def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete(tmp_path, image_folder):
@@ -84,10 +122,13 @@ def test_optuna_searches_lr_and_head_lr_mult_for_the_best_val_acc(tmp_path, imag
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(max(val_acc(folder / job) for job in "01"))
     assert set(results["best_params"]) == {"optimizer.lr", "strategy.head_lr_mult"}
+    runs, experiment = tensorboard_view(folder)  # the search space is what the trials vary: first in both
+    assert all(run.split("/")[2].startswith("optimizer.lr=") for run in runs)
+    assert [info.name for info in experiment.hparam_infos if info.differs] == ["optimizer.lr", "strategy.head_lr_mult"]
 
 
 def val_acc(run_dir) -> float:
-    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events = EventAccumulator(str(event_dir(run_dir)))
     events.Reload()
     return events.Scalars("val/acc")[-1].value
 

@@ -17,6 +17,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.checkpoint import RUN_SETTINGS, RunSettings
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.errors import ConfigError, MissingFileError, instantiate_unwrapped
+from finetune.errors import ConfigError, MissingFileError, MissingPackageError, instantiate_unwrapped
 from finetune.finetuning import StageUnfreezing
 from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
@@ -107,8 +108,22 @@ def instantiate_callbacks(config: DictConfig | None) -> list[Callback]:
     return [callback for callback in callbacks if callback is not None]
 
 
+def _instantiate_logger(config: DictConfig) -> Logger:
+    try:
+        return instantiate(config)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, ModuleNotFoundError):
+            raise
+        raise MissingPackageError(
+            f"{config._target_} needs a package that is not installed ({err.__cause__}): "
+            'pip install -e ".[trackers]" installs MLflow and W&B'
+        ) from err
+
+
 def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
-    return [instantiate(entry) for entry in (config or {}).values() if entry is not None]
+    """The loggers of a `logger` config. The trackers (MLflow, W&B) are optional packages: without them the default
+    logger runs, and choosing one says how to install them."""
+    return [_instantiate_logger(entry) for entry in (config or {}).values() if entry is not None]
 
 
 def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback] = (), loggers: Sequence[Logger] = ()) -> L.Trainer:

@@ -34,6 +34,10 @@ class DownloadError(UserError, RuntimeError):
     """Data or weights that could not be fetched or failed their checksum; the message says how to give them locally."""
 
 
+class MissingPackageError(UserError, ImportError):
+    """An optional package the config needs (a tracker's) is not installed; the message says how to install it."""
+
+
 class DiskFullError(UserError, OSError):
     """No space left where a file is written; the message names the folder, the space needed and the space free."""
 

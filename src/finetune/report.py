@@ -1,8 +1,9 @@
 """A sweep's results as tables and plots: `python -m finetune.report <run or multirun folder>`.
 
 Reads what every run under the folder wrote (any folder with `.hydra/overrides.yaml`): its
-TensorBoard events (metrics per epoch), its overrides and config, `status.json` (completed or
-failed, wall time) and the figures of its test (`eval/`, `finetune.callbacks.ErrorAnalysis`). Writes
+TensorBoard events (metrics per epoch; a run without them, e.g. `logger=mlflow`, from its `csv/metrics.csv`),
+its overrides and config, `status.json` (completed or failed, wall time) and the figures of its test (`eval/`,
+`finetune.callbacks.ErrorAnalysis`). Writes
 `report.md` and PNG plots into the folder and prints the tables.
 Figures are built without pyplot (Agg canvas), so this runs headless and leaves a notebook's backend alone.
 """
@@ -10,6 +11,7 @@ Figures are built without pyplot (Agg canvas), so this runs headless and leaves 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import os
 import statistics
@@ -57,6 +59,12 @@ class Run:
 
 
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the run, by step: from its TensorBoard events, or from the CSV logger's table when it has
+    none (the trackers' logger configs keep one in the run folder, so the report works whatever logger is chosen)."""
+    return _event_scalars(run_dir) or _csv_scalars(run_dir)
+
+
+def _event_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """Every scalar of the run's event files, by step; a later value at the same step wins (a resume)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -66,6 +74,20 @@ def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
         events.Reload()
         for tag in events.Tags()["scalars"]:
             scalars.setdefault(tag, {}).update((e.step, e.value) for e in events.Scalars(tag))
+    return scalars
+
+
+def _csv_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every metric of the run's `metrics.csv` (Lightning's CSVLogger: one row per logging step, empty cells for
+    the metrics not logged at that step), by step."""
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(run_dir.rglob("metrics.csv")):
+        with path.open(newline="") as file:
+            for row in csv.DictReader(file):
+                step = int(row.pop("step"))
+                for tag, value in row.items():
+                    if value:
+                        scalars.setdefault(tag, {})[step] = float(value)
     return scalars
 
 

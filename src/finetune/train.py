@@ -17,15 +17,17 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer, run_settings
+from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.errors import UserError
+from finetune.loggers import close, hparams, log_hparams_tab, overrides_name, varied_keys
 from finetune.run_dirs import unique_dir
 from finetune.run_status import interrupted, recorded, resume_hint
 from finetune.validation import validate
 
 os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)  # conf/hydra/default.yaml
+OmegaConf.register_new_resolver("overrides_name", overrides_name, replace=True)  # run_name in conf/train.yaml
 
 log = logging.getLogger(__name__)
 # Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
@@ -34,29 +36,21 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback with a model that overrides")
 
 
-def hparams(cfg: DictConfig) -> dict[str, object]:
-    """The settings that tell runs apart, for TensorBoard's HPARAMS tab (the logger flattens them)."""
-    settings = run_settings(cfg)
-    return settings | {"model": cfg.model.name, "max_epochs": cfg.trainer.max_epochs}
-
-
 @contextmanager
 def finalized(loggers: list[Logger]) -> Iterator[None]:
     """Flushes and closes every logger when the block ends, however it ends.
 
     Lightning finalizes loggers when `fit` and `test` end, but whatever is logged after that (the HPARAMS
     entry) reopens the writer, and a buffered writer that is never closed loses its tail at process exit.
+    The status is in Lightning's words: "failed" for any run that did not complete (Lightning says so of Ctrl-C too).
     """
     status = "failed"
     try:
         yield
         status = "success"
-    except BaseException as err:
-        status = "failed" if isinstance(err, Exception) else "interrupted"
-        raise
     finally:
         for logger in loggers:
-            logger.finalize(status)
+            close(logger, status)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -66,6 +60,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, model = build(cfg)
     trainer = build_fit_trainer(cfg)
     with finalized(trainer.loggers):
+        settings = hparams(cfg)
+        for logger in trainer.loggers:  # at the start, so a failed run is listed with its settings too
+            logger.log_hyperparams(settings)
         ckpt_path = resolve_ckpt_path(
             cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name
         )
@@ -80,11 +77,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
         final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss", "macro_f1", "ece"))}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):  # its HPARAMS tab pairs each run's settings with these metrics
-                logger.log_hyperparams(hparams(cfg), final)
-            else:  # e.g. CSVLogger: the final metrics are in its table already
-                logger.log_hyperparams(hparams(cfg))
+        for logger in trainer.loggers:  # the HPARAMS tab pairs each run's settings with these; other loggers have them
+            if isinstance(logger, TensorBoardLogger):
+                log_hparams_tab(logger, settings, final, varied_keys())
     if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
         print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {cfg.paths.output_dir})")
     return metrics
