@@ -26,7 +26,7 @@ from finetune.models.backbones import (
     timm_input_config,
 )
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import TINY, compose_train, event_dir, make_image_folder
 
 SEEFOOD_HOTDOGS = PROJECT_ROOT.parent / "shared" / "datasets" / "seefood512" / "test" / "hotdog"
 LITES = [0, 1, 2]
@@ -137,7 +137,7 @@ def test_backbone_benchmark_runs_the_probe_and_the_recipe_given_and_plots(tmp_pa
     every_run = out.split("# every run: ", 1)[1].splitlines()[0]
     assert every_run.endswith("data.augment=none")  # and the trailing overrides
     recipe_run = tmp_path / "runs" / "tiny" / "efficientnet_lite0" / "strategy-llrd_strategy.layer_decay-0.5" / "seed1"
-    events = EventAccumulator(str(recipe_run / "run" / "tensorboard")).Reload()
+    events = EventAccumulator(str(event_dir(recipe_run / "run"))).Reload()
     assert "lr-AdamW/stage0" in events.Tags()["scalars"]  # the recipe's strategy trained: one lr per stage
     assert plot.stat().st_size > 10_000
 

@@ -50,12 +50,14 @@ def test_the_settings_and_the_run_name_are_what_tells_runs_apart(tmp_path):
     assert list(settings)[:3] == ["strategy", "optimizer.lr", "data"]  # the overrides first
     assert settings["strategy"] == "freeze" and settings["optimizer.lr"] == 0.01 and settings["seed"] == 42
     # a group's choice says what its _target_ said; scheduler=none is not its null
-    assert (settings["optimizer"], settings["model"], settings["scheduler"]) == ("sgd", "resnet18", "none")
+    assert (settings["optimizer"], settings["model"], settings["scheduler"]) == ("adamw", "resnet18", "warmup_cosine")
+    assert hparams(compose_train(tmp_path, ["scheduler=none"]))["scheduler"] == "none"
     assert settings["data.batch_size"] == 32 and settings["strategy.head_lr_mult"] == 10.0
     assert not [key for key in settings if LEFT_OUT & set(key.split("."))]
     assert "data.seed" not in settings and "strategy.name" not in settings  # ${seed} and strategy=freeze again
     assert all(isinstance(value, (bool, int, float, str)) for value in settings.values())
     assert compose_train(tmp_path, []).run_name == "train"  # no overrides: the task's name
+    assert compose_train(tmp_path, ["strategy=finetune", "strategy=freeze"]).run_name == "strategy=freeze"  # the last
     assert compose_train(tmp_path, ["run_name=baseline"]).run_name == "baseline"
 
 

@@ -148,6 +148,9 @@ def build_fit_trainer(cfg: DictConfig, *extra_callbacks: Callback) -> L.Trainer:
 def compose_config(overrides: Sequence[str], root: str | os.PathLike, task: str = "train") -> DictConfig:
     """The config exactly as `python <task>.py <overrides>` composes it, with data and logs under `root` and
     the run's output in `root/run` (for the tests and benchmarks, which build runs without Hydra's launcher)."""
+    from finetune.run_dirs import register_resolvers  # it imports this module (run names name settings)
+
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(task, overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)

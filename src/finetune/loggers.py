@@ -82,7 +82,9 @@ def swept_keys() -> list[str]:
 def job_overrides() -> list[Override]:
     """The job's overrides that tell it apart, the swept keys first, then the others in command-line order."""
     swept = swept_keys()
-    overrides = [o for o in _parse(HydraConfig.get().overrides.task) if compared(o.key_or_group)]
+    parsed = _parse(HydraConfig.get().overrides.task)
+    last = {o.key_or_group: o for o in parsed}  # a key given twice: the last wins, as in Hydra
+    overrides = [o for o in parsed if compared(o.key_or_group) and last[o.key_or_group] is o]
     return sorted(overrides, key=lambda o: swept.index(o.key_or_group) if o.key_or_group in swept else len(swept))
 
 

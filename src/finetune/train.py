@@ -15,19 +15,18 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.errors import UserError
-from finetune.loggers import close, hparams, log_hparams_tab, overrides_name, varied_keys
-from finetune.run_dirs import unique_dir
+from finetune.loggers import close, hparams, log_hparams_tab, varied_keys
+from finetune.run_dirs import register_resolvers
 from finetune.run_status import interrupted, recorded, resume_hint
 from finetune.validation import validate
 
 os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
-OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)  # conf/hydra/default.yaml
-OmegaConf.register_new_resolver("overrides_name", overrides_name, replace=True)  # run_name in conf/train.yaml
+register_resolvers()
 
 log = logging.getLogger(__name__)
 # Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
