@@ -1,14 +1,14 @@
 """Strategy comparison on real data: EfficientNet-Lite0 (ImageNet weights), every strategy, several seeds.
 
     python -m benchmarks.strategies                                  # hotdog64, 128 px, seeds 1,2,3, 5 epochs
-    python -m benchmarks.strategies --data cifar10 --lr 1e-3 optimizer=adam     # 100 + 50 images per class
+    python -m benchmarks.strategies --data cifar10                   # 100 + 50 images per class
+    python -m benchmarks.strategies --lr 6.4e-3 optimizer=sgd scheduler=none loss.label_smoothing=0 data.batch_size=128   # d2l's
 
 Runs the sweeps as a user types them (`train.py -m ...`, one multirun folder each, under one output
 folder), then `python -m finetune.report` on that folder, which prints the table and writes
-report.md and the plots there. Per seed, two sweeps: every strategy at the shared lr (by default the
-d2l fine-tune recipe: SGD 6.4e-3, batch 128, head 10x), and `scratch` again at 10x that lr for every
-weight, as d2l trains its scratch model, so scratch is not judged at an lr chosen for pretrained
-weights. Seed by seed, with a report after each, so a run cut short still compares every strategy.
+report.md and the plots there. Per seed, two sweeps: every strategy with the recipe (train.py's defaults, the
+recommended recipe, changed by trailing overrides), and `scratch` again at 10x its lr for every weight, as d2l
+trains its scratch model, so scratch is not judged at an lr chosen for pretrained weights. Seed by seed, with a report after each, so a run cut short still compares every strategy.
 The shared datasets are never copied into the project; CIFAR-10's subset is extracted to /tmp.
 """
 
@@ -22,9 +22,9 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks._common import DATASETS, ROOT, benchmark_parser
+from finetune.builders import compose_config
 
 STRATEGIES = "scratch,freeze,finetune,freeze_unfreeze,gradual,llrd"
-D2L_LR = 6.4e-3  # d2l's 5e-5 on a summed loss, batch 128
 
 
 def cifar10_subset(archive: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
     parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
-    parser.add_argument("--lr", type=float, default=D2L_LR, help="the shared lr (scratch also gets 10x)")
+    parser.add_argument("--lr", type=float, help="the shared lr (default: the recipe's; scratch also gets 10x)")
     parser.add_argument("--out", type=Path, help="default: logs/benchmarks/strategies-<data>/<time>")
     args = parser.parse_args(argv)
 
@@ -80,17 +80,17 @@ def main(argv: list[str] | None = None) -> Path:
         "data=imagefolder",
         f"data.root={root}",
         f"data.image_size={args.image_size}",
-        "data.batch_size=128",
         f"data.num_workers={args.num_workers}",
         f"trainer.max_epochs={args.epochs}",
         "~callbacks.progress_bar",
         "~callbacks.model_summary",
         *args.overrides,
     ]
+    shared_lr = args.lr or compose_config(common, out).optimizer.lr
     for seed in args.seeds.split(","):
-        lr = f"optimizer.lr={args.lr:g}"
+        lr = f"optimizer.lr={shared_lr:g}"
         sweep(out / f"seed{seed}" / "strategies", [f"seed={seed}", f"strategy={STRATEGIES}", lr, *common])
-        lr = f"optimizer.lr={args.lr * 10:g}"
+        lr = f"optimizer.lr={shared_lr * 10:g}"
         sweep(out / f"seed{seed}" / "scratch_lr10x", [f"seed={seed}", "strategy=scratch", lr, *common])
         subprocess.run([sys.executable, "-m", "finetune.report", str(out)], cwd=ROOT, check=True)
     return out
