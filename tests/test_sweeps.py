@@ -136,6 +136,7 @@ def val_acc(run_dir) -> float:
     return events.Scalars("val/acc")[-1].value
 
 
+@pytest.mark.slow  # 7 tiny train.py runs: about a minute
 def test_strategy_benchmark_runs_every_strategy_and_reports(tmp_path, image_folder):
     from benchmarks import strategies
 
