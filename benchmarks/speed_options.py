@@ -7,7 +7,8 @@
 Options against the defaults: `model.channels_last=false`, `trainer.precision=bf16-mixed` (with and
 without channels-last), `model.compile=true` (with `--compile`: its first steps include the
 compilation, reported apart), and the DataLoader's
-`data.num_workers` and `data.persistent_workers` (`pin_memory` only matters with a GPU). Each
+`data.num_workers` and `data.persistent_workers` (`pin_memory` only matters with a GPU), and the cost of
+`callbacks.ema.enabled=true` (an average of the weights updated after every step). Each
 variant is the fit as train.py builds it (progress bar off) over `--steps` timed steps after
 `--warmup`, in rounds that take the variants in turn, so other jobs' load falls on all of them; the
 figure is the median. `epoch start s` is the wait from the start of the second epoch to its first
@@ -46,6 +47,7 @@ VARIANTS = {
     "num_workers=0": ["data.num_workers=0"],
     "num_workers=1": ["data.num_workers=1"],
     "persistent_workers=false": ["data.persistent_workers=false"],
+    "ema": ["callbacks.ema.enabled=true"],  # the weights' moving average, updated after every step
 }
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
                     f"data.image_size={size}",
                     f"data.batch_size={args.batch_size}",
                     *MODELS[model],
+                    "strategy=finetune",  # every weight trains (the recipe's first epoch trains the head alone)
                     *QUIET,
                     "trainer.max_epochs=2",
                     f"++trainer.limit_train_batches={steps}",

@@ -6,7 +6,8 @@
 
 Both sides train the same architecture with the same weights, data, transforms, batch size, workers and
 optimizer: the fit is built by `finetune.train.build` with the Trainer, callbacks and loggers of the
-config (progress bar off), the plain loop is what d2l's `train_batch_ch13` does on the library's model
+config (progress bar off; `strategy=finetune`, as the recipe trains after its first, head-only epoch, and
+with its per-step schedule, label smoothing and param groups), the plain loop is what d2l's `train_batch_ch13` does on the library's model
 (`torchvision`/`timm` with a new classifier): zero_grad, forward, loss, backward, step, and the running
 loss and accuracy. Images/s count the optimizer steps after `--warmup` steps. The two alternate, in
 turn first, for `--rounds` rounds, so load from other jobs falls on both; the ratio is of the medians.
@@ -55,6 +56,7 @@ def overrides(
         f"data.image_size={size}",
         f"data.batch_size={batch_size}",
         *MODELS[model],
+        "strategy=finetune",  # the plain loop trains every weight from step 1; the recipe's first epoch is the head's
         *QUIET,
         f"trainer.accelerator={accelerator}",
         "trainer.max_epochs=1",
