@@ -26,6 +26,8 @@ MODELS = {
     "tiny": ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"],  # smoke tests
 }
 DEFAULT_MODELS = ["resnet18", "efficientnet_lite0"]
+# Speed is measured on steps that train every weight: the recipe's first epoch trains the head alone.
+EVERY_WEIGHT_TRAINS = ["strategy=finetune"]
 # No progress bar or model summary (Lightning would add its own defaults), on the CPU.
 QUIET = [
     "~callbacks.progress_bar",

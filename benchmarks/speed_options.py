@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 
 from benchmarks._common import (
+    EVERY_WEIGHT_TRAINS,
     MODELS,
     QUIET,
     StepClock,
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[list[Any]]:
                     f"data.image_size={size}",
                     f"data.batch_size={args.batch_size}",
                     *MODELS[model],
-                    "strategy=finetune",  # every weight trains (the recipe's first epoch trains the head alone)
+                    *EVERY_WEIGHT_TRAINS,
                     *QUIET,
                     "trainer.max_epochs=2",
                     f"++trainer.limit_train_batches={steps}",

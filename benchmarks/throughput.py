@@ -6,9 +6,9 @@
 
 Both sides train the same architecture with the same weights, data, transforms, batch size, workers and
 optimizer: the fit is built by `finetune.train.build` with the Trainer, callbacks and loggers of the
-config (progress bar off; `strategy=finetune`, as the recipe trains after its first, head-only epoch, and
-with its per-step schedule, label smoothing and param groups), the plain loop is what d2l's `train_batch_ch13` does on the library's model
-(`torchvision`/`timm` with a new classifier): zero_grad, forward, loss, backward, step, and the running
+config (progress bar off; `strategy=finetune`, as the recipe trains after its head-only first epoch, with
+its per-step schedule, label smoothing and param groups); the plain loop is what d2l's `train_batch_ch13`
+does on the library's model (`torchvision`/`timm` with a new classifier): zero_grad, forward, loss, backward, step, and the running
 loss and accuracy. Images/s count the optimizer steps after `--warmup` steps. The two alternate, in
 turn first, for `--rounds` rounds, so load from other jobs falls on both; the ratio is of the medians.
 The same ratio in CPU time of the main process hardly depends on that load. With `--accelerator gpu` both
@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks._common import (
+    EVERY_WEIGHT_TRAINS,
     MODELS,
     QUIET,
     StepClock,
@@ -56,7 +57,7 @@ def overrides(
         f"data.image_size={size}",
         f"data.batch_size={batch_size}",
         *MODELS[model],
-        "strategy=finetune",  # the plain loop trains every weight from step 1; the recipe's first epoch is the head's
+        *EVERY_WEIGHT_TRAINS,
         *QUIET,
         f"trainer.accelerator={accelerator}",
         "trainer.max_epochs=1",
