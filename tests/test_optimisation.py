@@ -234,18 +234,19 @@ def bn_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if k.startswith("backbone.") and "running_" in k}
 
 
-@pytest.mark.parametrize("bn", ["eval", "train"])
-def test_bn_eval_keeps_the_statistics_while_the_stage_trains(tmp_path, image_folder, bn):
-    cfg = compose_train(
-        tmp_path,
-        ["data=imagefolder", f"data.root={image_folder}", *TINY, "model=efficientnet_lite0", f"strategy.bn={bn}"],
-    )
+@pytest.mark.parametrize(
+    ("bn", "pretrained", "kept"),
+    [("eval", "true", True), ("train", "true", False), ("eval", "false", False)],  # a random init's are not kept
+)
+def test_bn_eval_keeps_the_statistics_while_the_stage_trains(tmp_path, image_folder, bn, pretrained, kept):
+    overrides = [*TINY, "model=efficientnet_lite0", f"strategy.bn={bn}", f"strategy.pretrained={pretrained}"]
+    cfg = compose_train(tmp_path, ["data=imagefolder", f"data.root={image_folder}", *overrides])
     L.seed_everything(cfg.seed)
     before = build(cfg)[1].state_dict()
     train(cfg)
     after = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     stats = bn_state(after)
-    assert stats and all(torch.equal(v, before[k]) for k, v in stats.items()) == (bn == "eval")
+    assert stats and all(torch.equal(v, before[k]) for k, v in stats.items()) == kept
     bn_weights = [k[: -len("running_mean")] + "weight" for k in stats if k.endswith("running_mean")]
     assert all(not torch.equal(after[k], before[k]) for k in bn_weights), "BatchNorm weights must train"
     assert not torch.equal(after["backbone.stages.0.0.weight"], before["backbone.stages.0.0.weight"])

@@ -67,7 +67,8 @@ class FineTuneModule(L.LightningModule):
         super().__init__()  # the multipliers are checked with the config (finetune.validation)
         self.save_hyperparameters(logger=False)  # train.py logs the settings that tell runs apart
         self.backbone = instantiate_unwrapped(backbone, pretrained=strategy["pretrained"])
-        self.backbone.bn_eval = strategy.get("bn", "train") == "eval"  # checkpoints before `bn` lack it
+        # `bn=eval` keeps pretrained statistics; a random init has none worth keeping (checkpoints before `bn` lack it)
+        self.backbone.bn_eval = strategy["pretrained"] and strategy.get("bn", "train") == "eval"
         self.head = nn.Linear(self.backbone.num_features, len(classes))
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
