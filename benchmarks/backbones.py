@@ -8,16 +8,17 @@ probe and with the recommended recipe, on real photos: test accuracy against par
 Every run is train.py's fit and test in this process (`benchmarks._common.fit`, then the test of the final
 weights, as train.py reports them), with train.py's defaults (batch 32, 10% of train validates), on each image
 folder at the size given. Two rows per backbone and data set: the linear probe (`strategy=freeze`) and the
-recipe (`--recipe`, Hydra overrides; default: none, i.e. train.py's recommended recipe). Trailing
-overrides apply to every run. Training images/s: the images of every training step over its time, leaving
-out each epoch's first step (it waits for the loader and follows validation). The table is printed and the
-plot (test accuracy against parameters and against training images/s) written after each seed, so a run cut
-short still compares every backbone. The runs stay under `--out` (TensorBoard events, test analysis; no
-checkpoints).
+recipe (`--recipe`, Hydra overrides; default: none, i.e. train.py's recommended recipe). Trailing overrides
+apply to every run. Each run's figures are printed as a JSON line (`grep '^{'` keeps them). Training images/s:
+the images of every training step over its time, leaving out each epoch's first step (it waits for the loader
+and follows validation). The table is printed and the plot (test accuracy against parameters and against
+training images/s) written after each seed, so a run cut short still compares every backbone. The runs stay
+under `--out` (TensorBoard events, test analysis; no checkpoints).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from datetime import datetime
@@ -205,9 +206,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         *extra,
                     ]
                     folder = out / name / backbone / label.replace(" ", "_").replace("=", "-") / f"seed{seed}"
-                    result = {"data": name, "backbone": backbone, "strategy": label, **run(overrides, folder)}
-                    results.append(result)
-                    print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}, flush=True)
+                    result = {"data": name, "backbone": backbone, "strategy": label, "seed": int(seed)}
+                    results.append({**result, **run(overrides, folder)})
+                    print(json.dumps(results[-1]), flush=True)
         rows = report(results, plot_path)
     return rows
 

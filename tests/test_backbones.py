@@ -6,6 +6,7 @@ the benchmark that compares them (`python -m benchmarks.backbones`) runs."""
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -134,6 +135,10 @@ def test_backbone_benchmark_runs_the_probe_and_the_recipe_given_and_plots(tmp_pa
     assert rows[0]["params_m"] == pytest.approx((3_371_008 + 1280 * 2 + 2) / 1e6)  # the backbone and the new head
     out = capsys.readouterr().out
     assert "| tiny | efficientnet_lite0 | 3.37 | strategy=llrd strategy.layer_decay=0.5 |" in out
+    printed = [json.loads(line) for line in out.splitlines() if line.startswith("{")]  # one JSON line per run
+    assert [(r["strategy"], r["seed"], r["test_acc"]) for r in printed] == [
+        (r["strategy"], 1, r["test_accs"][0]) for r in rows
+    ]
     every_run = out.split("# every run: ", 1)[1].splitlines()[0]
     assert every_run.endswith("data.augment=none")  # and the trailing overrides
     recipe_run = tmp_path / "runs" / "tiny" / "efficientnet_lite0" / "strategy-llrd_strategy.layer_decay-0.5" / "seed1"

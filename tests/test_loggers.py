@@ -3,8 +3,18 @@ tracker's own client or files, offline; and the settings and names they show."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +24,7 @@ from lightning_utilities.core.imports import RequirementCache
 from omegaconf import OmegaConf
 
 from finetune import report
-from finetune.builders import instantiate_loggers
+from finetune.builders import PROJECT_ROOT, instantiate_loggers
 from finetune.errors import MissingPackageError
 from finetune.loggers import MLFlowLogger, hparams
 from finetune.train import finalized, train
@@ -25,9 +35,17 @@ LEFT_OUT = {"_target_", "_partial_", "num_workers", "pin_memory", "persistent_wo
 
 
 @pytest.fixture(scope="module")
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One SQLite store for the module's runs: MLflow creates its tables once (about 9 s on 2 CPU cores)."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def mlflow_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project root whose `logs/mlflow.db` is the module's one SQLite store: MLflow creates its tables once (about
+    9 s on 2 CPU cores)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    (root / "logs").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(mlflow_root: Path) -> str:
+    return f"sqlite:///{mlflow_root / 'logs' / 'mlflow.db'}"
 
 
 def tiny_run(tmp_path: Path, image_folder: Path, *overrides: str):
@@ -127,6 +145,51 @@ def test_mlflow_ends_an_interrupted_run_as_failed_and_the_interrupt_goes_on(tmp_
     assert mlflow.experiment.get_run(mlflow.run_id).info.status == "FAILED"
 
 
+def readme_command(start: str) -> str:
+    """The line of README.md's code that starts with `start`, without its comment."""
+    (line,) = [line for line in (PROJECT_ROOT / "README.md").read_text().splitlines() if line.startswith(start)]
+    return line.split("#")[0].strip()
+
+
+def test_mlflow_ui_as_in_the_readme_shows_the_run_and_its_config(tmp_path, image_folder, mlflow_root, mlflow_store):
+    cfg = tiny_run(tmp_path, image_folder, "logger=mlflow", f"logger.mlflow.tracking_uri={mlflow_store}")
+    train(cfg)
+    with socket.socket() as probe:  # a free port: 5000, the default, may be taken where the tests run
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [*shlex.split(readme_command("mlflow ui ")), "--port", str(port)]
+    command[0] = str(Path(sys.executable).with_name("mlflow"))  # the venv's, active or not
+    log = tmp_path / "mlflow-ui.log"
+    with log.open("w") as output:  # a session of its own: the UI's workers are stopped with it
+        server = subprocess.Popen(command, cwd=mlflow_root, stdout=output, stderr=output, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=finetune") as response:
+                    experiment = json.load(response)["experiment"]
+                break
+            except urllib.error.HTTPError:
+                raise  # the server answers, without the experiment: another store than the run's
+            except OSError:  # not listening yet
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        query = json.dumps(
+            {"experiment_ids": [experiment["experiment_id"]], "filter": f"tags.run_dir = '{tmp_path / 'run'}'"}
+        )
+        request = urllib.request.Request(f"{api}/runs/search", query.encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            (run,) = json.load(response)["runs"]
+        assert run["info"]["run_name"] == cfg.run_name and run["info"]["status"] == "FINISHED"
+        artifact = f"http://127.0.0.1:{port}/get-artifact?path=hydra/config.yaml&run_uuid={run['info']['run_id']}"
+        with urllib.request.urlopen(artifact) as response:  # what the UI shows as the run's config
+            assert OmegaConf.create(response.read().decode()).run_name == cfg.run_name
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def wandb_records(path: Path) -> Iterator:
     """The records of a `.wandb` file, as wandb writes them: a 7-byte file header, then blocks of 32 KiB holding
     chunks (a 7-byte header: CRC-32, length, type 1 = whole record, 2/3/4 = first/middle/last part) that make up
@@ -172,7 +235,8 @@ def test_wandb_runs_offline_into_the_run_folder_and_is_finished(tmp_path, image_
     (test,) = [row for row in history if "test/acc" in row]
     assert float(test["test/acc"]) == pytest.approx(metrics["test/acc"])
     assert records["exit"][0].exit.exit_code == 0  # the run was finished, not left to the process's exit
-    assert (tmp_path / "run" / "csv" / "metrics.csv").is_file()  # what finetune.report reads
+    (reported,) = report.load_runs(tmp_path / "run")  # no TensorBoard events: from csv/metrics.csv
+    assert reported.epochs == 1 and reported.test_acc == pytest.approx(metrics["test/acc"])
 
 
 @pytest.mark.slow
