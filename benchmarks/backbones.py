@@ -207,8 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     ]
                     folder = out / name / backbone / label.replace(" ", "_").replace("=", "-") / f"seed{seed}"
                     result = {"data": name, "backbone": backbone, "strategy": label, "seed": int(seed)}
-                    results.append({**result, **run(overrides, folder)})
-                    print(json.dumps(results[-1]), flush=True)
+                    result |= run(overrides, folder)
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
         rows = report(results, plot_path)
     return rows
 

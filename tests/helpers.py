@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def event_dir(run_dir: Path) -> Path:
     """The folder of a run's TensorBoard events, `<run>/tensorboard/<run name>/` (`run_name` in conf/train.yaml)."""
     (folder,) = (run_dir / "tensorboard").iterdir()
     return folder
+
+
+def readme_commands(heading: str) -> list[str]:
+    """The lines of the first bash block under README.md's `heading`, as typed (comments included)."""
+    section = (PROJECT_ROOT / "README.md").read_text().split(f"\n{heading}\n")[1]
+    return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
 
 
 def run_cli(args: list[str], root: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -24,7 +24,7 @@ from finetune.export import export_checkpoint, read_sidecar
 from finetune.models.module import FineTuneModule
 from finetune.predict import predict_files
 from finetune.train import train
-from tests.helpers import TINY, compose_train, event_dir, make_image_folder, run_cli
+from tests.helpers import TINY, compose_train, event_dir, make_image_folder, readme_commands, run_cli
 
 HOTDOG64 = PROJECT_ROOT.parent / "shared" / "datasets" / "hotdog64"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated, and asked for
@@ -32,13 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # To
 
 def printed_accuracy(output: str) -> float:
     return float(re.search(r"Test accuracy: ([0-9.]+)", output).group(1))
-
-
-def readme_commands() -> list[str]:
-    """The commands of README.md's "After training" section, as typed."""
-    text = (PROJECT_ROOT / "README.md").read_text()
-    section = text.split("## After training: evaluate, predict, export")[1]
-    return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
 
 
 def assert_image(path: Path, min_width: int = 400, min_height: int = 300) -> None:
@@ -110,7 +103,7 @@ def test_readme_commands_run_as_written(trained, tmp_path):
     (photos / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (photos / "text.jpg").write_text("not an image\n")
     (photos / "notes.txt").write_text("not an image by name: no row\n")
-    commands = readme_commands()
+    commands = readme_commands("## After training: evaluate, predict, export")
     assert [c.split()[:2] for c in commands] == [
         ["python", "eval.py"],
         ["python", "predict.py"],

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +23,11 @@ from lightning_utilities.core.imports import RequirementCache
 from omegaconf import OmegaConf
 
 from finetune import report
-from finetune.builders import PROJECT_ROOT, instantiate_loggers
+from finetune.builders import instantiate_loggers
 from finetune.errors import MissingPackageError
 from finetune.loggers import MLFlowLogger, hparams
 from finetune.train import finalized, train
-from tests.helpers import TINY, compose_train, run_cli
+from tests.helpers import TINY, compose_train, readme_commands, run_cli
 
 # Keys that tell no runs apart: they must not reach HPARAMS or the trackers' params
 LEFT_OUT = {"_target_", "_partial_", "num_workers", "pin_memory", "persistent_workers", "root", "paths", "ckpt_path"}
@@ -145,10 +144,11 @@ def test_mlflow_ends_an_interrupted_run_as_failed_and_the_interrupt_goes_on(tmp_
     assert mlflow.experiment.get_run(mlflow.run_id).info.status == "FAILED"
 
 
-def readme_command(start: str) -> str:
-    """The line of README.md's code that starts with `start`, without its comment."""
-    (line,) = [line for line in (PROJECT_ROOT / "README.md").read_text().splitlines() if line.startswith(start)]
-    return line.split("#")[0].strip()
+def fetch(url: str, body: dict | None = None) -> bytes:
+    """The response to a GET of `url`, or to a POST of `body` as JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data, {"Content-Type": "application/json"})) as response:
+        return response.read()
 
 
 def test_mlflow_ui_as_in_the_readme_shows_the_run_and_its_config(tmp_path, image_folder, mlflow_root, mlflow_store):
@@ -157,34 +157,27 @@ def test_mlflow_ui_as_in_the_readme_shows_the_run_and_its_config(tmp_path, image
     with socket.socket() as probe:  # a free port: 5000, the default, may be taken where the tests run
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [*shlex.split(readme_command("mlflow ui ")), "--port", str(port)]
+    (typed,) = [line for line in readme_commands("### Experiment trackers") if line.startswith("mlflow ui ")]
+    command = [*shlex.split(typed.split("#")[0]), "--port", str(port)]
     command[0] = str(Path(sys.executable).with_name("mlflow"))  # the venv's, active or not
     log = tmp_path / "mlflow-ui.log"
     with log.open("w") as output:  # a session of its own: the UI's workers are stopped with it
         server = subprocess.Popen(command, cwd=mlflow_root, stdout=output, stderr=output, start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
         deadline = time.monotonic() + 120
         while True:
-            try:
-                with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=finetune") as response:
-                    experiment = json.load(response)["experiment"]
-                break
-            except urllib.error.HTTPError:
-                raise  # the server answers, without the experiment: another store than the run's
-            except OSError:  # not listening yet
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.5)
-        query = json.dumps(
-            {"experiment_ids": [experiment["experiment_id"]], "filter": f"tags.run_dir = '{tmp_path / 'run'}'"}
-        )
-        request = urllib.request.Request(f"{api}/runs/search", query.encode(), {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request) as response:
-            (run,) = json.load(response)["runs"]
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:  # listening
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        experiment = json.loads(fetch(f"{api}/experiments/get-by-name?experiment_name=finetune"))["experiment"]
+        query = {"experiment_ids": [experiment["experiment_id"]], "filter": f"tags.run_dir = '{tmp_path / 'run'}'"}
+        (run,) = json.loads(fetch(f"{api}/runs/search", query))["runs"]
         assert run["info"]["run_name"] == cfg.run_name and run["info"]["status"] == "FINISHED"
         artifact = f"http://127.0.0.1:{port}/get-artifact?path=hydra/config.yaml&run_uuid={run['info']['run_id']}"
-        with urllib.request.urlopen(artifact) as response:  # what the UI shows as the run's config
-            assert OmegaConf.create(response.read().decode()).run_name == cfg.run_name
+        assert OmegaConf.create(fetch(artifact).decode()).run_name == cfg.run_name  # the config the UI shows
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
