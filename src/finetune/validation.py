@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.data.transforms import AUGMENTATIONS
+from finetune.data.store import device_augment_blocker
+from finetune.data.transforms import AUGMENTATIONS, augmentation_name
 from finetune.errors import ConfigError
 from finetune.run_status import command_line
 
@@ -33,6 +34,7 @@ CHOICES = {
     "strategy.bn": ("train", "eval"),
     "model.head_init": ("default", "source"),
     "data.sampler": ("shuffle", "balanced"),
+    "data.augment_on": ("auto", "device", "workers"),
 }
 # What the values a command must give (??? in conf/) look like, for the example command of their error
 EXAMPLES = {"data.root": "/path/to/images", "ckpt_path": "logs/train/runs/<timestamp>/checkpoints/last.ckpt"}
@@ -65,6 +67,21 @@ def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
             f"{' and '.join(mixing)}: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true trains on cached features: "
             "set the mix to 0 or callbacks.feature_cache.enabled=false"
         )
+
+
+def _store_problems(cfg: DictConfig) -> Iterator[str]:
+    """The decoded store: a positive `data.store_size`; `data.augment_on=device` only where the store can crop."""
+    size = OmegaConf.select(cfg, "data.store_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        yield f"data.store_size={size} must be a side in pixels >= 1 (null = the eval transform's resize)"
+    if OmegaConf.select(cfg, "data.augment_on") != "device":
+        return
+    augment = OmegaConf.select(cfg, "data.augment")
+    mixes = bool(OmegaConf.select(cfg, "data.mixup") or OmegaConf.select(cfg, "data.cutmix"))
+    erasing = OmegaConf.select(cfg, "data.random_erasing") or 0
+    stored = bool(OmegaConf.select(cfg, "data.store"))
+    if blocker := device_augment_blocker(stored, augmentation_name(augment), erasing, mixes):
+        yield blocker
 
 
 def _fold_problems(cfg: DictConfig) -> Iterator[str]:
@@ -126,6 +143,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if val_fraction is not None and not 0 <= val_fraction < 1:
         problems.append(f"data.val_fraction={val_fraction} must be in [0, 1) (0 = validate on the test split)")
     problems += _augmentation_problems(cfg)
+    problems += _store_problems(cfg)
     problems += _fold_problems(cfg)
     return problems
 

@@ -11,9 +11,11 @@ import lightning as L
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2.functional import to_pil_image
 
 from finetune.data.images import ImageFolder, find_classes
 from finetune.data.sampling import BalancedSampler, ResumableLoader, Seeded, SeededCollate, SeededSampler
+from finetune.data.store import CropSample, DeviceAugment, StoredCrops, StoredImages, device_augment_blocker
 from finetune.data.transforms import augmentation_name, batch_transform, eval_transform, train_transform
 from finetune.errors import ConfigError, MissingFileError
 from finetune.models.backbones import InputConfig
@@ -65,7 +67,8 @@ class Transformed(Dataset):
 
     def image(self, index: int) -> Image.Image:
         """Sample `index` untransformed, as figures show it (`finetune.analysis.plot_top_errors`)."""
-        return self.dataset[self.indices[index]][0]
+        image = self.dataset[self.indices[index]][0]
+        return to_pil_image(image) if isinstance(image, torch.Tensor) else image  # a stored image
 
     @property
     def labels(self) -> list[int]:
@@ -86,6 +89,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     override it when set. Unreadable images stop `setup` with their names, or with `skip_bad_images` are
     left out and logged. Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing`
     (a probability), `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
+    `store`: the images decoded once into `store_dir` (`finetune.data.store`, `store_size` px), and d2l's crop and
+    flip run on the training device's batches (`augment_on`: `auto` = when it is a GPU, `device`, `workers`).
     """
 
     def __init__(
@@ -107,6 +112,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         sampler: str = "shuffle",
+        store: bool = False,
+        store_size: int | None = None,
+        store_dir: str | os.PathLike = "data/store",
+        augment_on: str = "auto",
         folds: int | None = None,
         fold: int = 0,
         seed: int = 0,
@@ -125,6 +134,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.augment = augmentation_name(augment)
         self.random_erasing, self.mixup, self.cutmix = random_erasing, mixup, cutmix
         self.sampler = sampler
+        self.store, self.store_size, self.store_dir = store, store_size, Path(store_dir).expanduser()
+        self.augment_on = augment_on
+        self._device_augment: DeviceAugment | None = None  # decided when the training loader is built
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self.labels: dict[str, list[int]] = {}  # every split's labels, read once at setup
@@ -166,10 +178,21 @@ class ImageFolderDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.input_config)
 
+    def stored(self, split: Dataset) -> Dataset:
+        """The split's images from the decoded store (`data.store=true`), built on first use; splits that are not
+        image files (torchvision's CIFAR-10 arrays) are already decoded and stay as they are."""
+        if not self.store:
+            return split
+        if not isinstance(split, ImageFolder):
+            log.info("data.store=true: %s holds no image files to decode, it is read as it is", type(split).__name__)
+            return split
+        config = self.input_config
+        return StoredImages.of(split, self.store_size, config.interpolation, config.resize, self.store_dir)
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        train, test = self.read_split("train"), self.read_split("test")
+        train, test = (self.stored(self.read_split(split)) for split in ("train", "test"))
         training, validation = self.split_train(train)
         self.validates_on_test = not validation
         self.datasets = {
@@ -241,11 +264,33 @@ class ImageFolderDataModule(L.LightningDataModule):
             "persistent_workers": self.persistent_workers,
         }
 
+    @property
+    def device_augment(self) -> DeviceAugment | None:
+        """What finishes the training batches on the device (`augment_on`), or None: each image is transformed
+        in the loader's workers."""
+        train = self.datasets.get("train")
+        if self.augment_on == "workers" or not isinstance(train, Transformed):  # cached features: no images
+            return None
+        stored = isinstance(train.dataset, StoredImages)
+        blocker = device_augment_blocker(stored, self.augment, self.random_erasing, bool(self.mixup or self.cutmix))
+        if self.augment_on == "device" and blocker:
+            raise ConfigError(blocker)
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DeviceAugment(self.input_config) if not blocker and (on_gpu or self.augment_on == "device") else None
+
+    def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        """Training batches of stored images are cropped, flipped and normalised here, on the device."""
+        return self._device_augment(batch) if isinstance(batch, CropSample) else batch
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or class-balanced), augmented and mixed by (seed, epoch, sample) and resumable mid-epoch
         (see `finetune.data.sampling`)."""
         mix = batch_transform(self.mixup, self.cutmix, self.num_classes)
-        dataset = Seeded(self.datasets["train"], with_seed=mix is not None)
+        train = self.datasets["train"]
+        self._device_augment = self.device_augment
+        if self._device_augment is not None:
+            train = StoredCrops(train.dataset, train.indices, self.input_config, random=self.augment != "none")
+        dataset = Seeded(train, with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = (
             BalancedSampler(dataset, self.labels["train"], *ranks, seed=self.seed)

@@ -1,0 +1,214 @@
+"""The decoded image store (`data.store=true`): every image of a split decoded once, kept as one uint8 array.
+
+Fine-tuning sets are small, yet each epoch decodes and resizes every JPEG again. The store decodes each image
+once (upright, RGB, as `read_rgb`), resizes its short side to `side` px with the eval transform's
+interpolation and antialiasing, takes the centre `side x side` square and writes all of them into one
+`(N, 3, side, side)` uint8 `.npy` file, memory-mapped when read. Its name is a hash of the files, their sizes and
+mtimes and the requested size, so an edited, added or removed image gives a new store and a stale one is never read.
+
+With `side` = the eval transform's resize (the default), the eval transform on a stored image gives exactly the
+pixels it gives on the file. Training crops come from the stored square instead of the whole photo: a random
+crop of a non-square photo no longer reaches the ends of its long side.
+
+On a GPU the d2l augmentation (RandomResizedCrop + flip) runs on whole batches: each sample's crop box and flip
+are drawn in the loader's workers under its own seed (`finetune.data.sampling`), so batches stay the same with
+any number of workers, devices or a mid-epoch resume; the device then crops and resizes every box of the batch in
+one `roi_align` (bilinear, averaging `ceil(box / output)` points per output pixel, which antialiases as resize
+does), flips and normalises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+from finetune.data.images import ImageFolder, read_rgb
+from finetune.errors import ConfigError
+from finetune.models.backbones import InputConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "finetune-store-v1"  # part of every key: a changed layout never reads an old file
+# The d2l crop: RandomResizedCrop's default area and aspect-ratio ranges
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def store_key(paths: Sequence[Path], size: int | None, interpolation: str) -> str:
+    """Every file's path, byte size and mtime in order, and the requested side (None: the default rule)."""
+    digest = hashlib.sha256(f"{FORMAT}|{size}|{interpolation}".encode())
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def default_side(paths: Sequence[Path], resize: int) -> int:
+    """The eval transform's resize, capped at the largest short side of the images (from their headers alone):
+    upsampling before storing adds no information, only bytes (CIFAR-10 is stored at 32, not 256 px)."""
+    with ThreadPoolExecutor() as pool:
+        short_sides = pool.map(lambda path: min(Image.open(path).size), paths)
+        return min(resize, max(short_sides))
+
+
+def _square(path: Path, side: int, interpolation: InterpolationMode) -> np.ndarray:
+    """One image as the eval transform starts: short side resized to `side` (antialiased), centre square."""
+    image = TF.pil_to_tensor(read_rgb(path))
+    image = TF.resize(image, [side], interpolation=interpolation, antialias=True)
+    return TF.center_crop(image, [side, side]).numpy()
+
+
+def build_store(paths: Sequence[Path], side: int, interpolation: str, file: Path) -> None:
+    """Decodes every image into `file` (`.npy`, uint8 `(N, 3, side, side)`), written under a temporary name and
+    renamed when whole, so that a reader (another DDP rank, a parallel run) never sees half a store."""
+    needed = len(paths) * 3 * side * side
+    file.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(file.parent).free
+    if needed > free:
+        raise ConfigError(
+            f"data.store=true: {len(paths)} images at {side} px need {needed / 2**30:.1f} GiB, but "
+            f"{file.parent} has {free / 2**30:.1f} GiB free: set data.store_dir, a smaller data.store_size, or "
+            "data.store=false"
+        )
+    start = time.perf_counter()
+    log.info("Decoding %d images into the store %s (%d px, %.2f GiB)", len(paths), file, side, needed / 2**30)
+    partial = file.with_name(f"{file.stem}.{os.getpid()}.part.npy")
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), 3, side, side))
+    mode = InterpolationMode(interpolation)
+    with ThreadPoolExecutor() as pool:  # PIL's decoder and torch's resize release the GIL
+        for index, square in enumerate(pool.map(lambda path: _square(path, side, mode), paths)):
+            array[index] = square
+    array.flush()
+    del array
+    partial.replace(file)
+    seconds = time.perf_counter() - start
+    log.info("Stored %d images in %.1f s (%.0f images/s)", len(paths), seconds, len(paths) / seconds)
+
+
+class StoredImages(Dataset):
+    """An `ImageFolder`'s images from its store: `(uint8 tensor (3, side, side), label)`, with the folder's
+    `samples`, `targets` and `classes` (what labels, the feature cache's key and the reports read)."""
+
+    def __init__(self, folder: ImageFolder, file: Path):
+        self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
+        self.file = file
+        self.side = int(np.load(file, mmap_mode="r").shape[-1])
+        self._images: np.ndarray | None = None  # opened in each process that reads (a worker's own map)
+
+    @classmethod
+    def of(cls, folder: ImageFolder, size: int | None, interpolation: str, resize: int, store_dir: Path):
+        """The folder's store, built first if it does not exist yet."""
+        paths = [path for path, _ in folder.samples]
+        file = store_dir / f"{store_key(paths, size, interpolation)}.npy"
+        if not file.is_file():
+            build_store(paths, size or default_side(paths, resize), interpolation, file)
+        else:
+            log.info("Images of %s read from the store %s", folder.root, file)
+        return cls(folder, file)
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = np.load(self.file, mmap_mode="r")
+        return self._images
+
+    def __getstate__(self) -> dict[str, object]:  # a worker process maps the file itself, no copy of the pixels
+        return {**self.__dict__, "_images": None}
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.array(self.images[index])), self.targets[index]
+
+
+class CropSample(NamedTuple):
+    """A stored image with the crop box (x1, y1, x2, y2, in stored pixels) and flip it is to get on the device;
+    batches of it (`default_collate` keeps the type) are finished by `DeviceAugment`."""
+
+    image: torch.Tensor
+    box: torch.Tensor
+    flip: torch.Tensor
+    label: int
+
+
+def eval_box(side: int, config: InputConfig) -> torch.Tensor:
+    """The eval transform's centre crop (`image_size` of the short side resized to `resize`) in stored pixels."""
+    width = config.image_size * side / config.resize
+    start = (side - width) / 2
+    return torch.tensor([start, start, start + width, start + width])
+
+
+class StoredCrops(Dataset):
+    """The training view of some stored images for `DeviceAugment`: each sample's d2l crop box and flip are drawn
+    from torch's default generator (seeded per sample by `Seeded`); with `random=False` the eval crop, unflipped."""
+
+    def __init__(self, stored: StoredImages, indices: Sequence[int], config: InputConfig, random: bool = True):
+        self.stored, self.indices, self.random = stored, list(indices), random
+        self.eval_box = eval_box(stored.side, config)
+        self.crop = v2.RandomResizedCrop(config.image_size, scale=CROP_SCALE, ratio=CROP_RATIO)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> CropSample:
+        image, label = self.stored[self.indices[index]]
+        if not self.random:
+            return CropSample(image, self.eval_box, torch.tensor(False), label)
+        params = self.crop.make_params([image])  # top, left, height, width
+        top, left, height, width = params["top"], params["left"], params["height"], params["width"]
+        flip = torch.rand(()) < 0.5
+        return CropSample(
+            image, torch.tensor([left, top, left + width, top + height], dtype=torch.float32), flip, label
+        )
+
+    @property
+    def labels(self) -> list[int]:
+        return [self.stored.targets[index] for index in self.indices]
+
+
+class DeviceAugment:
+    """A batch of `CropSample`s, on whatever device it is, to `(normalised float images, labels)`: every box
+    cropped and resized to `image_size` in one `roi_align`, flipped where drawn, normalised."""
+
+    def __init__(self, config: InputConfig):
+        self.size = config.image_size
+        self.mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(config.std).view(1, 3, 1, 1) * 255
+
+    def __call__(self, batch: CropSample) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch.image.float()
+        rows = torch.arange(len(images), device=images.device, dtype=images.dtype).unsqueeze(1)
+        boxes = torch.cat([rows, batch.box.to(images.dtype)], dim=1)
+        crops = roi_align(images, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        crops = torch.where(batch.flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
+        mean, std = self.mean.to(crops.device), self.std.to(crops.device)
+        return (crops - mean) / std, batch.label
+
+
+def device_augment_blocker(stored: bool, augment: str, random_erasing: float, mixes: bool) -> str | None:
+    """What keeps the training transform from running as `DeviceAugment` (as `data.augment_on=device` says it),
+    or None when it can: stored images with d2l's crop and flip (or the eval crop) and nothing after them."""
+    blockers = [
+        "data.store=false" if not stored else None,
+        f"data.augment={augment}" if augment not in ("d2l", "none") else None,
+        f"data.random_erasing={random_erasing}" if random_erasing > 0 else None,
+        "data.mixup/data.cutmix" if mixes else None,
+    ]
+    if blocker := next((b for b in blockers if b), None):
+        return f"data.augment_on=device needs data.store=true and d2l's augmentation alone (augment=d2l or none), not {blocker}"
+    return None
