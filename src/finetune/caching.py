@@ -121,6 +121,10 @@ class FeatureCache(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled:
             self.attach(trainer, pl_module.backbone)
+            # A per-step schedule counted the training batches (`trainer.estimated_stepping_batches`, in
+            # configure_optimizers, before this hook), which built the training loader on the images: dropped, the
+            # fit loop builds it again on the features (same length, so the count holds).
+            trainer.fit_loop._combined_loader = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.backbone.prefix_precomputed:
