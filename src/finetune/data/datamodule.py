@@ -186,8 +186,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not isinstance(split, ImageFolder):
             log.info("data.store=true: %s holds no image files to decode, it is read as it is", type(split).__name__)
             return split
-        config = self.input_config
-        return StoredImages.of(split, self.store_size, config.interpolation, config.resize, self.store_dir)
+        return StoredImages.of(split, self.store_size, self.input_config, self.store_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -290,6 +289,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._device_augment = self.device_augment
         if self._device_augment is not None:
             train = StoredCrops(train.dataset, train.indices, self.input_config, random=self.augment != "none")
+            log.info("Training images are cropped, flipped and normalised as whole batches on the training device")
         dataset = Seeded(train, with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = (

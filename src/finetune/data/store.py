@@ -48,9 +48,10 @@ FORMAT = "finetune-store-v1"  # part of every key: a changed layout never reads 
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
-def store_key(paths: Sequence[Path], size: int | None, interpolation: str) -> str:
-    """Every file's path, byte size and mtime in order, and the requested side (None: the default rule)."""
-    digest = hashlib.sha256(f"{FORMAT}|{size}|{interpolation}".encode())
+def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> str:
+    """Every file's path, byte size and mtime in order, the requested side (None: the default rule), and the eval
+    crop and interpolation the square is taken for."""
+    digest = hashlib.sha256(f"{FORMAT}|{size}|{config.resize}|{config.image_size}|{config.interpolation}".encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -65,14 +66,22 @@ def default_side(paths: Sequence[Path], resize: int) -> int:
         return min(resize, max(short_sides))
 
 
-def _square(path: Path, side: int, interpolation: InterpolationMode) -> np.ndarray:
-    """One image as the eval transform starts: short side resized to `side` (antialiased), centre square."""
-    image = TF.pil_to_tensor(read_rgb(path))
-    image = TF.resize(image, [side], interpolation=interpolation, antialias=True)
-    return TF.center_crop(image, [side, side]).numpy()
+def _offset(length: int, side: int, crop: int) -> int:
+    """Where the square starts along a side of `length`: centred, but where the eval crop (`crop` of the
+    resized image, centred by `round`) is centred differently inside the square than inside the whole image, by
+    as much as that, so the eval crop of the square is the eval crop of the image, pixel for pixel."""
+    return round((length - crop) / 2) - round((side - crop) / 2)
 
 
-def build_store(paths: Sequence[Path], side: int, interpolation: str, file: Path) -> None:
+def _square(path: Path, side: int, interpolation: InterpolationMode, crop: int) -> np.ndarray:
+    """One image as the eval transform starts: short side resized to `side` (antialiased), the square around
+    the eval crop of `crop` px."""
+    image = TF.resize(TF.pil_to_tensor(read_rgb(path)), [side], interpolation=interpolation, antialias=True)
+    height, width = image.shape[-2:]
+    return TF.crop(image, _offset(height, side, crop), _offset(width, side, crop), side, side).numpy()
+
+
+def build_store(paths: Sequence[Path], side: int, config: InputConfig, file: Path) -> None:
     """Decodes every image into `file` (`.npy`, uint8 `(N, 3, side, side)`), written under a temporary name and
     renamed when whole, so that a reader (another DDP rank, a parallel run) never sees half a store."""
     needed = len(paths) * 3 * side * side
@@ -88,9 +97,10 @@ def build_store(paths: Sequence[Path], side: int, interpolation: str, file: Path
     log.info("Decoding %d images into the store %s (%d px, %.2f GiB)", len(paths), file, side, needed / 2**30)
     partial = file.with_name(f"{file.stem}.{os.getpid()}.part.npy")
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), 3, side, side))
-    mode = InterpolationMode(interpolation)
+    mode = InterpolationMode(config.interpolation)
+    crop = round(config.image_size * side / config.resize)  # the eval crop, in stored pixels
     with ThreadPoolExecutor() as pool:  # PIL's decoder and torch's resize release the GIL
-        for index, square in enumerate(pool.map(lambda path: _square(path, side, mode), paths)):
+        for index, square in enumerate(pool.map(lambda path: _square(path, side, mode, crop), paths)):
             array[index] = square
     array.flush()
     del array
@@ -110,12 +120,12 @@ class StoredImages(Dataset):
         self._images: np.ndarray | None = None  # opened in each process that reads (a worker's own map)
 
     @classmethod
-    def of(cls, folder: ImageFolder, size: int | None, interpolation: str, resize: int, store_dir: Path):
-        """The folder's store, built first if it does not exist yet."""
+    def of(cls, folder: ImageFolder, size: int | None, config: InputConfig, store_dir: Path) -> StoredImages:
+        """The folder's store for images that `config` transforms, built first if it does not exist yet."""
         paths = [path for path, _ in folder.samples]
-        file = store_dir / f"{store_key(paths, size, interpolation)}.npy"
+        file = store_dir / f"{store_key(paths, size, config)}.npy"
         if not file.is_file():
-            build_store(paths, size or default_side(paths, resize), interpolation, file)
+            build_store(paths, size or default_side(paths, config.resize), config, file)
         else:
             log.info("Images of %s read from the store %s", folder.root, file)
         return cls(folder, file)
@@ -147,10 +157,11 @@ class CropSample(NamedTuple):
 
 
 def eval_box(side: int, config: InputConfig) -> torch.Tensor:
-    """The eval transform's centre crop (`image_size` of the short side resized to `resize`) in stored pixels."""
-    width = config.image_size * side / config.resize
-    start = (side - width) / 2
-    return torch.tensor([start, start, start + width, start + width])
+    """The eval transform's centre crop (`image_size` at `round((resize - image_size) / 2)` of the short side
+    resized to `resize`) in stored pixels: at the store's own size, whole pixels, which `roi_align` copies."""
+    scale = side / config.resize
+    start = round((config.resize - config.image_size) / 2) * scale
+    return torch.tensor([start, start, start + config.image_size * scale, start + config.image_size * scale])
 
 
 class StoredCrops(Dataset):

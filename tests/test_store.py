@@ -1,0 +1,189 @@
+"""data.store: images decoded once into a memory-mapped uint8 store; d2l's crop and flip on the device's batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.images import ImageReadError
+from finetune.data.store import CropSample, DeviceAugment, StoredImages
+from finetune.errors import ConfigError
+from finetune.models import InputConfig
+from finetune.train import train
+from finetune.validation import validate
+from tests.helpers import compose_train, make_image_folder
+
+CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Two classes of 40 px squares, and one 64x40 photo per split and class (its centre square is stored)."""
+    root = make_image_folder(tmp_path_factory.mktemp("images"), train=12, test=4)
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for name in ("blue", "red"):
+            pixels = rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / split / name / "wide.jpg", quality=90)
+    return root
+
+
+def datamodule(root: Path, store_dir: Path, **settings) -> ImageFolderDataModule:
+    settings = {
+        "batch_size": 4,
+        "val_fraction": 0.25,
+        "num_workers": 0,
+        "store": True,
+        "store_dir": store_dir,
+    } | settings
+    data = ImageFolderDataModule(CONFIG, root, **settings)
+    data.setup()
+    return data
+
+
+def epoch(loader, number: int) -> list[torch.Tensor]:
+    """The images of one epoch's batches, finished as on the device."""
+    loader.sampler.set_epoch(number)
+    return [DeviceAugment(CONFIG)(batch)[0] for batch in loader]
+
+
+def test_the_eval_transform_gives_the_same_pixels_from_the_store_as_from_the_files(images, tmp_path):
+    files, stored = datamodule(images, tmp_path, store=False), datamodule(images, tmp_path)
+    assert isinstance(stored.datasets["test"].dataset, StoredImages)
+    assert stored.datasets["test"].dataset.side == CONFIG.resize == 37
+    for split in ("val", "test"):
+        assert len(stored.datasets[split]) == len(files.datasets[split]) > 0
+        for index in range(len(files.datasets[split])):
+            a, b = files.datasets[split][index], stored.datasets[split][index]
+            assert b[1] == a[1]
+            torch.testing.assert_close(b[0], a[0], rtol=0, atol=0)  # the wide photo too: its centre square
+    assert stored.datasets["test"].image(0).size == (37, 37)  # figures get a PIL image
+
+
+def test_images_are_decoded_once_and_a_changed_file_gives_a_new_store(images, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="finetune.data.store"):
+        first = datamodule(images, tmp_path)
+        again = datamodule(images, tmp_path)
+    assert caplog.text.count("Decoding") == 2  # train and test, once
+    assert caplog.text.count("read from the store") == 2
+    assert again.datasets["train"].dataset.file == first.datasets["train"].dataset.file
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy"]  # no partial file left behind
+
+    changed = images / "test" / "red" / "wide.jpg"
+    stat = changed.stat()
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # edited (e.g. re-exported) later
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune.data.store"):
+        datamodule(images, tmp_path)
+    assert caplog.text.count("Decoding") == 1  # the test split's store is new, train's is read
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+def test_the_side_is_the_eval_resize_capped_at_the_images_or_data_store_size(images, tmp_path):
+    large = ImageFolderDataModule(InputConfig(224), images, num_workers=0, store=True, store_dir=tmp_path)
+    large.setup()
+    assert large.datasets["train"].dataset.side == 40  # not 256: the images' short side is 40 px
+    assert np.load(large.datasets["train"].dataset.file).shape == (26, 3, 40, 40)  # the folder, validation too
+    assert datamodule(images, tmp_path / "small", store_size=20).datasets["test"].dataset.side == 20
+
+
+def test_the_device_crop_is_torchvisions_resized_crop_with_antialiasing():
+    torch.manual_seed(0)
+    smooth = TF.resize(torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8), [96, 96], antialias=True)
+    boxes = torch.tensor([[10.0, 4.0, 90.0, 84.0], [30.0, 20.0, 46.0, 44.0]])  # downscaled 80 -> 32, upscaled 16x24
+    batch = CropSample(smooth, boxes, torch.tensor([False, True]), torch.tensor([0, 1]))
+    images, labels = DeviceAugment(CONFIG)(batch)
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
+    mean, std = torch.tensor(CONFIG.mean).view(3, 1, 1), torch.tensor(CONFIG.std).view(3, 1, 1)
+    for image, (x1, y1, x2, y2), flip, got in zip(smooth, boxes.int().tolist(), (False, True), images, strict=True):
+        expected = TF.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [32, 32], antialias=True).float() / 255
+        expected = (TF.horizontal_flip(expected) if flip else expected - 0) - mean
+        error = ((got * std - expected) * 255).abs()  # in 0..255 grey levels
+        assert error.mean() < 1.5 and error.max() < 12, (error.mean(), error.max())
+
+
+def test_device_batches_depend_only_on_seed_epoch_and_sample(images, tmp_path):
+    def loader(workers: int):
+        data = datamodule(images, tmp_path, num_workers=workers, augment_on="device")
+        return data.train_dataloader()
+
+    main, workers = loader(0), loader(2)
+    first = next(iter(main))
+    assert isinstance(first, CropSample) and first.image.dtype == torch.uint8 and first.image.shape[-1] == 37
+    for number in (0, 1):
+        torch.testing.assert_close(epoch(main, number), epoch(workers, number), rtol=0, atol=0)
+    assert not torch.equal(epoch(main, 0)[0], epoch(main, 1)[0])  # a new shuffle and new crops each epoch
+
+    resumed = loader(0)
+    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    torch.testing.assert_close(epoch(resumed, 1), epoch(main, 1)[2:], rtol=0, atol=0)
+
+
+def test_augment_none_on_the_device_is_the_eval_crop(images, tmp_path):
+    data = datamodule(images, tmp_path, augment="none", augment_on="device", val_fraction=0)
+    (crops,) = [DeviceAugment(CONFIG)(batch)[0] for batch in data.train_dataloader()][:1]
+    train = data.datasets["train"]  # its per-image transform is the eval transform
+    order = list(data.train_dataloader().sampler)[:4]
+    expected = torch.stack([train[index][0] for index, _ in order])
+    torch.testing.assert_close(crops, expected, rtol=0, atol=1e-5)  # the same pixels, at the store's own size
+
+
+def test_a_bad_image_is_named_or_skipped_as_without_the_store(tmp_path):
+    root = make_image_folder(tmp_path / "images", train=4, test=2)
+    (root / "train" / "red" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole jpeg")
+    with pytest.raises(ImageReadError, match="cut.jpg"):
+        datamodule(root, tmp_path / "store")
+    assert not (tmp_path / "store").exists()  # named before anything is decoded
+    skipped = datamodule(root, tmp_path / "store", skip_bad_images=True, val_fraction=0)
+    assert len(skipped.datasets["train"]) == 8
+    assert np.load(skipped.datasets["train"].dataset.file).shape[0] == 8
+
+
+@pytest.mark.parametrize("overrides", [[], ["data.augment_on=device"]])
+def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, overrides, caplog):
+    """The shipped defaults (freeze_unfreeze, AdamW, warmup + cosine per step, label smoothing) on pretrained
+    Lite0, with the store; on this CPU the crop runs in the workers unless data.augment_on=device."""
+    cfg = compose_train(
+        tmp_path,
+        [
+            "data=imagefolder",
+            f"data.root={images}",
+            "data.store=true",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "model=efficientnet_lite0",
+            "trainer.max_epochs=2",
+            "trainer.accelerator=cpu",
+            *overrides,
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="finetune.data.datamodule"):
+        metrics = train(cfg)
+    assert 0 <= metrics["test/acc"] <= 1 and metrics["train/loss"] > 0
+    assert ("as whole batches on the training device" in caplog.text) == bool(overrides)
+    (store,) = {p.parent for p in (tmp_path / "data" / "store").glob("*.npy")}
+    assert len(list(store.glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.augment_on=device"], "data.augment_on=device needs data.store=true and d2l's augmentation alone"),
+        (["data.store=true", "data.augment_on=device", "data.augment=randaugment"], "not data.augment=randaugment"),
+        (["data.store=true", "data.augment_on=device", "data.mixup=0.2"], "not data.mixup/data.cutmix"),
+        (["data.augment_on=gpu"], "data.augment_on=gpu must be one of auto, device, workers"),
+        (["data.store_size=0"], "data.store_size=0 must be a side in pixels >= 1"),
+    ],
+)
+def test_store_settings_that_cannot_work_are_named(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_train(tmp_path, ["data=imagefolder", "data.root=/somewhere", *overrides]))
