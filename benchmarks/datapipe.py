@@ -13,7 +13,12 @@ normalise) at the given size and yields float batches (32 images), as the model 
 - `PIL draft`: PIL's JPEG draft mode (DCT downscaling to at least the output size), tensor transforms;
 - `batch resize` (tiny sources): the crop and flip at the source size per image, uint8 batches, then
   the resize to the output size and normalisation on the whole batch in the main process (its cost
-  is inside the timing).
+  is inside the timing);
+- `store`: `data.store=true` (`finetune.data.store`): the images decoded once (not timed here; its build
+  time is printed), the project's transforms per image on the stored uint8 squares in the workers;
+- `store, batch crop`: the stored squares with each sample's crop box and flip drawn in the workers, the
+  crop, resize, flip and normalisation as one batch op in the main process (what a GPU does with
+  `data.augment_on=auto`; on this CPU its cost is inside the timing).
 
 Against these, the model's training step rate at the same size on this CPU (ResNet-18 and
 EfficientNet-Lite0, the same batch size, forward + backward + SGD step, channels-last off) says how many workers
@@ -22,6 +27,8 @@ keep it fed. Each rate is the median of `--rounds`, after one warm-up batch.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +44,7 @@ from benchmarks._common import DATASETS, benchmark_parser, machine, median, tabl
 from benchmarks.strategies import cifar10_subset
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder, read_rgb
+from finetune.data.store import DeviceAugment, StoredCrops, StoredImages
 from finetune.data.transforms import train_transform
 from finetune.models import timm_backbone, torchvision_backbone
 from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
@@ -95,14 +103,14 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def loader_rate(dataset: Dataset, batch_size: int, workers: int, rounds: int, after: Callable | None = None) -> float:
-    """Images/s delivered (median of rounds), after one warm-up batch per round."""
+    """Images/s delivered (median of rounds), after one warm-up batch per round; `after` makes the model's
+    images of a batch in the main process."""
     rates = []
     for _ in range(rounds):
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
         count, start = 0, None
-        for images, _ in loader:
-            if after is not None:
-                images = after(images)
+        for batch in loader:
+            images = after(batch) if after is not None else batch[0]
             if start is None:
                 start = time.perf_counter()
                 continue
@@ -131,17 +139,27 @@ def step_rate(name: str, size: int, batch_size: int, steps: int = 3) -> float:
     return batch_size / median(times[1:])
 
 
-def variants(folder: ImageFolder, size: int, tiny_source: int | None) -> dict[str, tuple[Dataset, Callable | None]]:
-    project = train_transform(InputConfig(size))
+def variants(
+    folder: ImageFolder, size: int, tiny_source: int | None, store_dir: Path
+) -> dict[str, tuple[Dataset, Callable | None]]:
+    config = InputConfig(size)
+    project = train_transform(config)
+    start = time.perf_counter()
+    stored = StoredImages.of(folder, None, config, store_dir)
+    print(f"store of {len(stored)} images at {stored.side} px: {time.perf_counter() - start:.1f} s", flush=True)
+    everything = range(len(folder))
+    device = DeviceAugment(config)
     found = {
-        "project": (Transformed(folder, range(len(folder)), project), None),
+        "project": (Transformed(folder, everything, project), None),
         "PIL transforms": (Decoded(folder, read_rgb, pil_transforms(size)), None),
         "decode_jpeg": (Decoded(folder, decode_jpeg_rgb, project), None),
         "PIL draft": (Decoded(folder, pil_draft(size), project), None),
     }
     if tiny_source:
         crop = crop_at_source(tiny_source)
-        found["batch resize"] = (Decoded(folder, read_rgb, crop), lambda images: resize_batch(images, size))
+        found["batch resize"] = (Decoded(folder, read_rgb, crop), lambda batch: resize_batch(batch[0], size))
+    found["store"] = (Transformed(stored, everything, project), None)
+    found["store, batch crop"] = (StoredCrops(stored, everything, config), lambda batch: device(batch)[0])
     return found
 
 
@@ -167,14 +185,16 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         )
         sources.append(("cifar10 (32 px)", cifar / "train", 32))
     rows = []
+    store_dir = Path(tempfile.mkdtemp(prefix="datapipe-store-"))
     for size in args.sizes:
         for source, folder_path, tiny in sources:
             folder = ImageFolder(folder_path)
-            for variant, (dataset, after) in variants(folder, size, tiny).items():
+            for variant, (dataset, after) in variants(folder, size, tiny, store_dir).items():
                 per_worker = loader_rate(dataset, args.batch_size, 1, args.rounds, after)
                 default = loader_rate(dataset, args.batch_size, args.workers, args.rounds, after)
                 rows.append([source, size, variant, per_worker, default])
                 print(rows[-1], flush=True)
+    shutil.rmtree(store_dir)
     print(f"\nimages/s delivered (1 worker = per worker; {args.workers} workers = the default here)\n")
     print(table(["source", "size", "pipeline", "1 worker", f"{args.workers} workers"], rows))
     steps = [[name, size, step_rate(name, size, args.batch_size)] for name in args.models for size in args.sizes]
