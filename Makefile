@@ -1,5 +1,5 @@
 # Everyday commands (README.md has the rest).
-.PHONY: install test test-slow lint format bench
+.PHONY: install test test-slow lint format bench gpu-bundle
 
 install:  ## the project and its dev tools, editable
 	python -m pip install -e ".[dev]"
@@ -20,3 +20,6 @@ format:
 
 bench:  ## the strategy comparison on ../shared/datasets/hotdog64 (about 45 min on 2 CPU cores)
 	python -m benchmarks.strategies
+
+gpu-bundle:  ## .whl/: the wheels and CIFAR-10 archive the lent GPU machine lacks (benchmarks/gpu_check.sh --bundle .whl)
+	bash benchmarks/gpu_bundle.sh .whl
