@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from finetune.caching import split_key
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.images import ImageReadError
 from finetune.data.store import CropSample, DeviceAugment, StoredImages
@@ -147,7 +148,17 @@ def test_a_bad_image_is_named_or_skipped_as_without_the_store(tmp_path):
     assert np.load(skipped.datasets["train"].dataset.file).shape[0] == 8
 
 
-@pytest.mark.parametrize("overrides", [[], ["data.augment_on=device"]])
+def test_the_feature_cache_tells_stored_images_from_files(images, tmp_path):
+    files, stored = datamodule(images, tmp_path, store=False), datamodule(images, tmp_path)
+    for split in ("train", "test"):
+        assert split_key("backbone", files.datasets[split]) != split_key("backbone", stored.datasets[split])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["data.augment_on=device"], ["strategy=freeze", "callbacks.feature_cache.enabled=true"]],
+    ids=["workers", "device", "feature-cache"],
+)
 def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, overrides, caplog):
     """The shipped defaults (freeze_unfreeze, AdamW, warmup + cosine per step, label smoothing) on pretrained
     Lite0, with the store; on this CPU the crop runs in the workers unless data.augment_on=device."""
@@ -169,7 +180,7 @@ def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, ov
     with caplog.at_level(logging.INFO, logger="finetune.data.datamodule"):
         metrics = train(cfg)
     assert 0 <= metrics["test/acc"] <= 1 and metrics["train/loss"] > 0
-    assert ("as whole batches on the training device" in caplog.text) == bool(overrides)
+    assert ("as whole batches on the training device" in caplog.text) == ("data.augment_on=device" in overrides)
     (store,) = {p.parent for p in (tmp_path / "data" / "store").glob("*.npy")}
     assert len(list(store.glob("*.npy"))) == 2
 
