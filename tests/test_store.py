@@ -23,6 +23,8 @@ from finetune.validation import validate
 from tests.helpers import compose_train, make_image_folder
 
 CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
+# the recommended recipe, short: pretrained Lite0, 2 epochs (the head alone, then everything), batches of 8
+TINY_RUN = ["model=efficientnet_lite0", "trainer.max_epochs=2", "data.batch_size=8", "data.num_workers=0"]
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +171,7 @@ def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, ov
             f"data.root={images}",
             "data.store=true",
             "data.image_size=32",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "model=efficientnet_lite0",
-            "trainer.max_epochs=2",
+            *TINY_RUN,
             "trainer.accelerator=cpu",
             *overrides,
         ],
@@ -198,3 +197,19 @@ def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, ov
 def test_store_settings_that_cannot_work_are_named(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_train(tmp_path, ["data=imagefolder", "data.root=/somewhere", *overrides]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it there)")
+def test_on_a_gpu_the_crop_runs_on_the_device_by_default_with_the_cpus_result(images, tmp_path, caplog):
+    data = datamodule(images, tmp_path, val_fraction=0)
+    batch = next(iter(data.train_dataloader()))  # no trainer: a CPU batch
+    on_cpu = DeviceAugment(CONFIG)(batch)[0]
+    on_gpu = DeviceAugment(CONFIG)(CropSample(*(t.cuda() for t in batch)))[0]
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-4)
+    cfg = compose_train(
+        tmp_path,
+        ["data=imagefolder", f"data.root={images}", "data.store=true", "data.image_size=32", "trainer=gpu", *TINY_RUN],
+    )
+    with caplog.at_level(logging.INFO, logger="finetune.data.datamodule"):
+        metrics = train(cfg)
+    assert "as whole batches on the training device" in caplog.text and 0 <= metrics["test/acc"] <= 1

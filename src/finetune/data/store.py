@@ -207,8 +207,9 @@ class DeviceAugment:
         boxes = torch.cat([rows, batch.box.to(images.dtype)], dim=1)
         crops = roi_align(images, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         crops = torch.where(batch.flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
-        mean, std = self.mean.to(crops.device), self.std.to(crops.device)
-        return (crops - mean) / std, batch.label
+        if self.mean.device != crops.device:  # moved once, not a copy to the device every batch
+            self.mean, self.std = self.mean.to(crops.device), self.std.to(crops.device)
+        return (crops - self.mean) / self.std, batch.label
 
 
 def device_augment_blocker(stored: bool, augment: str, random_erasing: float, mixes: bool) -> str | None:
