@@ -20,7 +20,7 @@ from finetune.errors import ConfigError
 from finetune.models import InputConfig
 from finetune.train import train
 from finetune.validation import validate
-from tests.helpers import compose_train, make_image_folder
+from tests.helpers import compose_train, make_image_folder, readme_commands, run_cli
 
 CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
 # the recommended recipe, short: pretrained Lite0, 2 epochs (the head alone, then everything), batches of 8
@@ -158,12 +158,13 @@ def test_the_feature_cache_tells_stored_images_from_files(images, tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["data.augment_on=device"], ["strategy=freeze", "callbacks.feature_cache.enabled=true"]],
-    ids=["workers", "device", "feature-cache"],
+    [["data.augment_on=device"], ["strategy=freeze", "callbacks.feature_cache.enabled=true"]],
+    ids=["device", "feature-cache"],
 )
 def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, overrides, caplog):
     """The shipped defaults (freeze_unfreeze, AdamW, warmup + cosine per step, label smoothing) on pretrained
-    Lite0, with the store; on this CPU the crop runs in the workers unless data.augment_on=device."""
+    Lite0, with the store: the crop on the device's batches, and the linear probe on cached features (README's
+    command runs the crop in the workers)."""
     cfg = compose_train(
         tmp_path,
         [
@@ -182,6 +183,14 @@ def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, ov
     assert ("as whole batches on the training device" in caplog.text) == ("data.augment_on=device" in overrides)
     (store,) = {p.parent for p in (tmp_path / "data" / "store").glob("*.npy")}
     assert len(list(store.glob("*.npy"))) == 2
+
+
+def test_readmes_store_command_runs_as_written(images, tmp_path):
+    (command,) = readme_commands("### Images decoded once: the store")
+    typed = command.replace("path/to/images", str(images)).split()[1:]
+    result = run_cli([*typed, "data.image_size=32", "trainer.max_epochs=1", "data.num_workers=0"], tmp_path)
+    assert result.returncode == 0, result.output
+    assert "Test accuracy: " in result.output and len(list((tmp_path / "data" / "store").glob("*.npy"))) == 2
 
 
 @pytest.mark.parametrize(
