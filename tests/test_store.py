@@ -90,6 +90,12 @@ def test_images_are_decoded_once_and_a_changed_file_gives_a_new_store(images, tm
     assert len(list(tmp_path.glob("*.npy"))) == 3
 
 
+def test_a_store_dir_that_cannot_be_written_is_named(images, tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    with pytest.raises(ConfigError, match=f"data.store_dir={tmp_path}/file/store cannot be written"):
+        datamodule(images, tmp_path / "file" / "store")
+
+
 def test_the_side_is_the_eval_resize_capped_at_the_images_or_data_store_size(images, tmp_path):
     large = ImageFolderDataModule(InputConfig(224), images, num_workers=0, store=True, store_dir=tmp_path)
     large.setup()

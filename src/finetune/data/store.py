@@ -85,7 +85,12 @@ def build_store(paths: Sequence[Path], side: int, config: InputConfig, file: Pat
     """Decodes every image into `file` (`.npy`, uint8 `(N, 3, side, side)`), written under a temporary name and
     renamed when whole, so that a reader (another DDP rank, a parallel run) never sees half a store."""
     needed = len(paths) * 3 * side * side
-    file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a checkpoint's store_dir, from the machine it was trained on
+        raise ConfigError(
+            f"data.store_dir={file.parent} cannot be written ({err}): set data.store_dir= or data.store=false"
+        ) from err
     free = shutil.disk_usage(file.parent).free
     if needed > free:
         raise ConfigError(
