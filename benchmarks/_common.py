@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
@@ -89,11 +90,15 @@ def fit(cfg: DictConfig, *extra_callbacks: Callback) -> tuple[L.Trainer, Any, An
 
 class StepClock(Callback):
     """Wall time and this process's CPU time at the end of every training step (after the optimizer step
-    and logging). CPU time hardly depends on what other jobs do on the machine; wall time does."""
+    and logging). CPU time hardly depends on what other jobs do on the machine; wall time does. On a GPU also its
+    utilisation then (`gpu`: the share of the last NVML sample period, 1/6 to 1 s, that a kernel ran, as
+    nvidia-smi reads it), where NVML answers."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self.cpu: list[float] = []
+        self.gpu: list[float] = []
+        self._nvml = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.tick()
@@ -103,6 +108,11 @@ class StepClock(Callback):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         self.cpu.append(time.process_time())
+        if torch.cuda.is_initialized() and self._nvml:
+            try:
+                self.gpu.append(float(torch.cuda.utilization()))
+            except Exception:  # no NVML (pynvml) here: no utilisation
+                self._nvml = False
 
 
 def images_per_s(times: list[float], warmup: int, batch_size: int) -> float:
@@ -115,6 +125,10 @@ def images_per_s(times: list[float], warmup: int, batch_size: int) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values)
 
 
 def machine() -> str:
@@ -132,6 +146,34 @@ def machine() -> str:
         f"{gpus}{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, python {sys.version.split()[0]}, load average {load:.1f} at start"
     )
+
+
+def _photo(job: tuple[Path, Path, tuple[int, int], int]) -> None:
+    from PIL import Image
+
+    source, target, size, quality = job
+    with Image.open(source) as image:
+        image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target, quality=quality)
+
+
+def make_photos(
+    source: Path, target: Path, counts: dict[str, int], size: tuple[int, int] = (512, 384), quality: int = 90
+) -> None:
+    """Photo-sized JPEGs for measuring the data path: `counts[split]` images of `source/<split>/<class>/*`, taken
+    in turn from each class (again from the first when a class runs out), resized to `size` (bicubic) and saved
+    as JPEG `quality` in `target/<split>/<class>/`, in a process per core. Upscaled small images hold less
+    detail than photos, so they decode a little faster than real photos of that size."""
+    jobs = []
+    for split, count in counts.items():
+        classes = sorted(folder for folder in (source / split).iterdir() if folder.is_dir())
+        files = [sorted(folder.iterdir()) for folder in classes]
+        for index in range(count):
+            folder, files_of_class = classes[index % len(classes)], files[index % len(classes)]
+            file = files_of_class[(index // len(classes)) % len(files_of_class)]
+            (target / split / folder.name).mkdir(parents=True, exist_ok=True)
+            jobs.append((file, target / split / folder.name / f"{index:06d}.jpg", size, quality))
+    with multiprocessing.get_context("fork").Pool(len(os.sched_getaffinity(0))) as pool:
+        pool.map(_photo, jobs, chunksize=64)
 
 
 def _cell(value: object) -> str:

@@ -1,64 +1,144 @@
-"""benchmarks/gpu_check.sh, the check of the GPU paths: its dry run composes every command it would run, and its
-tiny run takes every step for real on the CPU (the GPU run itself needs a machine with GPUs)."""
+"""benchmarks/gpu_check.sh, the check of the GPU paths on the lent GPU machine: its dry run composes every command it
+would run, its bundle (benchmarks/gpu_bundle.sh's wheels) is installed with pip --no-index into its work folder, and
+its tiny run takes every step for real on the CPU (the GPU run itself needs a machine with a GPU)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
+from benchmarks import throughput
 from finetune.train import PROJECT_ROOT
 
 BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"
 
 
-def gpu_check(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+def gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
     )
 
 
+def composed(stdout: str) -> list[str]:
+    return [line.removeprefix("composes: ") for line in stdout.splitlines() if line.startswith("composes: ")]
+
+
 @pytest.fixture
-def given_files(tmp_path) -> list[str]:
-    """The files a GPU machine gets instead of downloads (empty: a dry run only checks that they exist)."""
-    cifar, weights = tmp_path / "cifar10-jpg.tar.gz", tmp_path / "resnet18-f37072fd.pth"
-    cifar.touch()
-    weights.touch()
-    return ["--cifar10", str(cifar), "--resnet18", str(weights)]
+def cifar(tmp_path) -> Path:
+    """The CIFAR-10 archive a GPU machine gets instead of a download (empty: a dry run only checks that it exists)."""
+    archive = tmp_path / "cifar10-jpg.tar.gz"
+    archive.touch()
+    return archive
 
 
-def test_the_dry_run_prints_every_gpu_command_and_composes_each(tmp_path, given_files):
+def wheel(folder: Path, name: str) -> Path:
+    """A pure-Python wheel of one module `name` that prints where it was imported from."""
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    info = f"{name}-0.1.dist-info"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name}.py", "print(__file__)\n")
+        archive.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+        archive.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        archive.writestr(f"{info}/RECORD", f"{name}.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return path
+
+
+def test_the_dry_run_prints_every_gpu_command_and_composes_each(tmp_path, cifar):
     benchmarks_md = BENCHMARKS_MD.read_bytes()
-    result = gpu_check("--dry-run", *given_files, "--work", str(tmp_path / "work"))
+    result = gpu_check("--dry-run", "--cifar10", str(cifar), "--work", str(tmp_path / "work"))
     assert result.returncode == 0, result.stdout + result.stderr
-    composed = [line.removeprefix("composes: ") for line in result.stdout.splitlines() if line.startswith("composes: ")]
-    data = f"data.root={tmp_path}/work/cifar10"
-    expected = [  # what each step must hold: DDP across the unfreeze, both precisions, SyncBatchNorm, the speeds
-        ["python train.py ", "trainer=ddp trainer.devices=", "strategy=freeze_unfreeze 'strategy.unfreeze_at=[1]'"],
-        ["python train.py ", "trainer=gpu trainer.precision=16-mixed"],
-        ["python train.py ", "trainer=gpu trainer.precision=bf16-mixed"],
-        ["python train.py ", "trainer=ddp trainer.devices=", "model.sync_batchnorm=true"],
-        ["python -m benchmarks.throughput --accelerator gpu --models resnet18 --sizes 224 --batch-size 256 "],
-        ["python -m benchmarks.throughput --accelerator gpu ", "model.channels_last=false"],
-        ["python train.py experiment=mobilenetv2_cifar10 model=efficientnet_lite0 ", data, "trainer=gpu"],
+    commands = composed(result.stdout)
+    data, photos = f"data.root={tmp_path}/work/cifar10", f"--data={tmp_path}/work/photos"
+    speed = (
+        f"--accelerator gpu --sizes 224 --batch-size 256 --warmup 16 --steps 48 {photos} trainer.precision=bf16-mixed"
+    )
+    expected = [  # in the order they run: the speeds and the headline first, DDP (composed only here) last
+        [
+            "python -m benchmarks.throughput --models resnet18 efficientnet_lite0 --variants ceiling plain fit store ",
+            "--profile-below 10000 ",
+            speed,
+            " data.store=false",
+        ],
+        ["python train.py experiment=mobilenetv2_cifar10 model=efficientnet_lite0 ", data, " data.store=true ", "gpu"],
+        [
+            "python train.py data=imagefolder ",
+            data,
+            " data.store=true ",
+            "trainer=gpu strategy=finetune trainer.precision=16-mixed",
+        ],
+        ["python train.py data=imagefolder ", data, "trainer=gpu strategy=finetune trainer.precision=bf16-mixed"],
+        [
+            "python -m benchmarks.throughput --models resnet18 --variants ceiling store ",
+            speed,
+            "model.channels_last=false",
+        ],
+        [
+            "python train.py ",
+            data,
+            "trainer=ddp trainer.devices=",
+            "strategy=freeze_unfreeze 'strategy.unfreeze_at=[1]'",
+        ],
+        ["python train.py ", data, "trainer=ddp trainer.devices=", "model.sync_batchnorm=true"],
     ]
-    assert len(composed) == len(expected), result.stdout
-    for command, parts in zip(composed, expected, strict=True):
+    assert len(commands) == len(expected), result.stdout
+    for command, parts in zip(commands, expected, strict=True):
         assert all(part in command for part in parts), (command, parts)
         assert f"   {command}" in result.stdout  # printed before the check too
-    for command in composed[:4]:
-        assert data in command and f"model.weights_path={tmp_path}/resnet18-f37072fd.pth" in command
-    assert "FAILED" not in result.stdout
-    assert BENCHMARKS_MD.read_bytes() == benchmarks_md and not (tmp_path / "work" / "logs" / "train").exists()
+    assert "weights_path" not in result.stdout  # no ResNet-18 weights: random init (strategy.pretrained=false)
+    assert "FAILED" not in result.stdout and "never train" not in result.stdout
+    assert BENCHMARKS_MD.read_bytes() == benchmarks_md
+    assert not (tmp_path / "work" / "logs").exists() and not (tmp_path / "work" / "cifar10").exists()
 
 
-def test_the_dry_run_names_a_missing_file(tmp_path, given_files):
-    result = gpu_check("--dry-run", *given_files[:2], "--resnet18", str(tmp_path / "nowhere.pth"))
+def test_the_bundle_is_installed_without_an_index_and_gives_the_archive(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    wheel(bundle, "gpu_check_probe")
+    (bundle / "cifar10-jpg.tar.gz").touch()
+    work = tmp_path / "work"
+    result = gpu_check("--dry-run", "--bundle", str(bundle), "--work", str(work), PIP_INDEX_URL="http://127.0.0.1:9/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"Installing gpu_check_probe-0.1-py3-none-any.whl into {work}/site\n")
+    assert (work / "site" / "gpu_check_probe.py").is_file()
+    assert f"data.root={work}/cifar10" in composed(result.stdout)[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--bundle", "{tmp}/nowhere"], "--bundle {tmp}/nowhere: no such folder (make gpu-bundle makes .whl)"),
+        (["--bundle", "{tmp}"], "--bundle {tmp} holds no wheels (make gpu-bundle)"),
+        (["--cifar10", "{tmp}/nowhere.tar.gz"], "{tmp}/nowhere.tar.gz: no such file"),
+        ([], "--bundle <folder> or --cifar10 <cifar10-jpg.tar.gz> is needed: a GPU machine downloads nothing"),
+    ],
+)
+def test_a_missing_bundle_or_archive_is_named(tmp_path, args, error):
+    result = gpu_check("--dry-run", *(arg.format(tmp=tmp_path) for arg in args), CIFAR10_TGZ="")
     assert result.returncode == 1
-    assert result.stderr == f"Error: --resnet18 {tmp_path}/nowhere.pth: no such file\n"
+    assert result.stderr == f"Error: {error.format(tmp=tmp_path)}\n"
+
+
+def test_the_bundle_script_names_a_missing_archive(tmp_path):
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_bundle.sh", str(tmp_path / "bundle")],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHON": sys.executable, "CIFAR10_TGZ": str(tmp_path / "none.tar.gz")},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr == f"Error: {tmp_path}/none.tar.gz: no such file (the CIFAR-10 JPEG archive; set $CIFAR10_TGZ)\n"
+    )
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_the_dry_runs_check_catches_a_command_that_does_not_compose(capsys):
@@ -73,31 +153,67 @@ def test_the_dry_runs_check_catches_a_command_that_does_not_compose(capsys):
     )
 
 
+def test_the_throughput_row_has_the_goal_ratios_and_the_gpu_utilisation():
+    rates = {
+        "ceiling": [1000.0, 1200.0],
+        "plain": [300.0, 310.0],
+        "fit": [290.0, 310.0],
+        "store": [950.0, 1140.0],
+        "ceiling gpu": [99.0, 97.0],
+        "plain gpu": [30.0, 32.0],
+        "fit gpu": [29.0, 31.0],
+        "store gpu": [95.0, 93.0],
+        **{f"{side} cpu": [100.0, 100.0] for side in ("ceiling", "plain", "fit", "store")},
+    }
+    row = throughput.summary("resnet18", 224, rates, 256, ("ceiling", "plain", "fit", "store"))
+    assert row["fit/plain"] == pytest.approx(300 / 305) and row["store/ceiling"] == pytest.approx(1045 / 1100)
+    assert row["rounds"] == "fit/plain 0.97 1.00; store/ceiling 0.95 0.95"
+    assert row["GPU %"] == "98 / 31 / 30 / 94"
+    plain = throughput.summary(
+        "tiny", 32, {k: rates[k] for k in ("plain", "fit", "plain cpu", "fit cpu")}, 4, ("plain", "fit")
+    )
+    assert plain["lightning"] == 300 and plain["ratio"] == pytest.approx(300 / 305) and plain["rounds"] == "0.97 1.00"
+    assert "GPU %" not in plain
+
+
 @pytest.mark.slow
 def test_the_tiny_run_takes_every_step_on_the_cpu_and_says_so(tmp_path):
     benchmarks_md = BENCHMARKS_MD.read_bytes()
-    result = gpu_check("--tiny", "--work", str(tmp_path))
+    out = tmp_path / "out"
+    result = gpu_check("--tiny", "--work", str(tmp_path), OUT=str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"GPU check: tiny, on the CPU; work folder {tmp_path}\n")
     assert result.stdout.endswith(f"Results appended to {tmp_path}/gpu_check.md (ran on a GPU: no)\n")
     section = (tmp_path / "gpu_check.md").read_text()
+    assert (out / "gpu_check.md").read_text() == section and (out / "gpu_check_logs.tar.gz").is_file()
     assert "**Machine:** every step tiny on the CPU (--tiny); " in section
-    assert "**Ran on a GPU:** no." in section
+    assert "**Ran on a GPU:** no. **Total:** " in section
     lines = section.splitlines()
     start = lines.index("| step | result | wall s |") + 2
     rows = {
         cells[0]: cells[1]
         for cells in (line.strip("| ").split(" | ") for line in lines[start : lines.index("", start)])
     }
-    assert len(rows) == 7
-    assert rows["DDP across the unfreeze (trainer=ddp_cpu)"].startswith("ok, test acc ")
-    assert rows["DDP across the unfreeze (trainer=ddp_cpu)"].endswith(", trainable stages 0 -> 5")
-    assert rows["trainer.precision=16-mixed"] == "skipped: 16-mixed needs a GPU"
-    assert rows["trainer.precision=bf16-mixed"].startswith("ok, test acc ")
-    assert rows["model.sync_batchnorm=true (trainer=ddp_cpu)"] == "skipped: PyTorch's SyncBatchNorm has no CPU kernel"
-    assert rows["fit vs plain loop, channels-last (default)"] == "ok"
-    assert rows["fit vs plain loop, model.channels_last=false"] == "ok"
+    assert list(rows) == [
+        "data: extracted, {'train': 32, 'test': 8} photos of (64, 48) px made",
+        "images/s: ceiling, plain loop, fit (JPEG), fit (store); ResNet-18 and Lite0, bf16, channels-last",
+        "headline: EfficientNet-Lite0, CIFAR-10, MobileNetV2 recipe (blog: 94.31 %)",
+        "trainer.precision=16-mixed",
+        "trainer.precision=bf16-mixed",
+        "images/s: model.channels_last=false (ResNet-18)",
+        "DDP across the unfreeze (trainer=ddp_cpu)",
+        "model.sync_batchnorm=true (trainer=ddp_cpu)",
+    ]
+    assert all(result == "ok" for result in list(rows.values())[:2]), rows
     headline = rows["headline: EfficientNet-Lite0, CIFAR-10, MobileNetV2 recipe (blog: 94.31 %)"]
     assert headline.startswith("ok, test acc ") and headline.endswith(", trainable stages 0 -> 5")
-    assert section.count("\n| tiny | 32 | ") == 2  # the throughput table of each variant
+    assert rows["trainer.precision=16-mixed"] == "skipped: 16-mixed needs a GPU"
+    assert rows["trainer.precision=bf16-mixed"].startswith("ok, test acc ")
+    assert rows["images/s: model.channels_last=false (ResNet-18)"] == "ok"
+    assert rows["DDP across the unfreeze (trainer=ddp_cpu)"].startswith("ok, test acc ")
+    assert rows["DDP across the unfreeze (trainer=ddp_cpu)"].endswith(", trainable stages 0 -> 5")
+    assert rows["model.sync_batchnorm=true (trainer=ddp_cpu)"] == "skipped: PyTorch's SyncBatchNorm has no CPU kernel"
+    assert section.count("\n| tiny | 32 | ") == 2  # the throughput table of each
+    assert "| model | size | ceiling | plain | fit | store | fit/plain | store/ceiling |" in section
+    assert "Top ops of 1 steps by self_cpu_time_total" in (tmp_path / "steps" / "throughput.log").read_text()
     assert BENCHMARKS_MD.read_bytes() == benchmarks_md
