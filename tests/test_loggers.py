@@ -127,7 +127,8 @@ def test_mlflow_records_params_metrics_config_and_checkpoints_and_the_report_rea
     assert Path(tags["checkpoint.best"]).parent == run_dir / "checkpoints" and Path(tags["checkpoint.best"]).is_file()
     artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "hydra")}
     assert artifacts == {"hydra/config.yaml", "hydra/overrides.yaml"}
-    assert Path(experiment.artifact_location) == tmp_path / "logs" / "mlartifacts"  # not ./mlruns where it runs
+    # not ./mlruns where it runs (the module's tests share one store: the first logger made created the experiment)
+    assert Path(experiment.artifact_location).parts[-2:] == ("logs", "mlartifacts")
 
     (reported,) = report.load_runs(run_dir)  # no TensorBoard events: from csv/metrics.csv
     assert reported.epochs == 2 and reported.test_acc == pytest.approx(metrics["test/acc"])
@@ -265,3 +266,42 @@ def test_a_sweep_with_mlflow_is_reported_from_its_run_folders_and_listed_in_mlfl
         assert {"hydra/config.yaml", "hydra/overrides.yaml"} <= artifacts
     (tracked,) = client.search_runs([experiment], f"tags.run_dir = '{runs[0].folder}'")
     assert tracked.data.metrics["test/acc"] == pytest.approx(runs[0].test_acc)
+
+
+@pytest.mark.parametrize("logger", ["mlflow", pytest.param("wandb", marks=pytest.mark.slow)])
+def test_runs_started_together_into_one_new_store_all_log(tmp_path, logger):
+    """Jobs of a parallel launcher or a SLURM array, one new FINETUNE_ROOT: MLflow's first-use migration of the
+    SQLite store ran in each at once (all exited 1, `duplicate column name: step`, the store left unreadable);
+    W&B's offline runs share its config and cache folders (about 10 s of CPU per job)."""
+    jobs = 3
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env |= {
+        variable: str(tmp_path / "wandb-home") for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")
+    }
+    started = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.parallel_logger", str(tmp_path), logger, str(job), str(jobs)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for job in range(jobs)
+    ]
+    outputs = [process.communicate(timeout=240)[0] for process in started]
+    assert [process.returncode for process in started] == [0] * jobs, "\n".join(o[-2000:] for o in outputs)
+    if logger == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("finetune").experiment_id
+        runs = client.search_runs([experiment])
+        assert sorted(run.info.run_name for run in runs) == [f"job{job}" for job in range(jobs)]
+        assert {run.info.status for run in runs} == {"FINISHED"} and all(
+            run.data.metrics["val/acc"] == 0.5 for run in runs
+        )
+    else:
+        for job in range(jobs):
+            (run_file,) = (tmp_path / f"run{job}" / "wandb").glob("offline-run-*/run-*.wandb")
+            exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+            assert exits == [0]

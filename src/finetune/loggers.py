@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -170,12 +171,33 @@ def close(logger: Logger, status: str) -> None:
         logger._experiment.finish(exit_code=0 if status == "success" else 1)
 
 
+def prepare_store(tracking_uri: str | None, experiment_name: str, artifact_location: str | None = None) -> None:
+    """Creates a local SQLite store (its tables, MLflow's migrations) and the run's experiment once, under a file
+    lock beside the store.
+
+    Runs started together (a parallel Hydra launcher, a SLURM array) each run MLflow's first-use migration of a new
+    file at once otherwise: all of them fail (`duplicate column name: step`) and the store is left unreadable; two
+    that find no experiment both create it, and the second fails. A store that exists costs one lock and a query."""
+    if not (tracking_uri or "").startswith("sqlite:///"):  # a tracking server migrates its own database
+        return
+    from mlflow.tracking import MlflowClient
+
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        client = MlflowClient(tracking_uri)  # creates and migrates the store
+        if client.get_experiment_by_name(experiment_name) is None:
+            client.create_experiment(experiment_name, artifact_location=artifact_location)
+
+
 class MLFlowLogger(LightningMLFlowLogger):
     """Lightning's MLFlowLogger, plus what leads from an MLflow run to its files: the paths of its checkpoints as
     tags (`checkpoint.best`, `checkpoint.last`; the files stay in the run folder) and the run's Hydra config
     (`.hydra/`: config.yaml, overrides.yaml) as artifacts under `hydra/`."""
 
     def __init__(self, config_dir: str | os.PathLike, **kwargs: Any) -> None:
+        experiment = kwargs.get("experiment_name", "lightning_logs")  # Lightning's default
+        prepare_store(kwargs.get("tracking_uri"), experiment, kwargs.get("artifact_location"))
         super().__init__(**kwargs)
         self.config_dir = Path(config_dir)
 
