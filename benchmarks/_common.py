@@ -148,21 +148,40 @@ def machine() -> str:
     )
 
 
-def _photo(job: tuple[Path, Path, tuple[int, int], int]) -> None:
+_NOISE: dict[tuple[int, int, float], Any] = {}  # per process: a noise field, larger than a photo
+
+
+def _photo(job: tuple[Path, Path, tuple[int, int], int, float, int]) -> None:
+    import numpy as np
     from PIL import Image
 
-    source, target, size, quality = job
+    source, target, (width, height), quality, noise, seed = job
     with Image.open(source) as image:
-        image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(target, quality=quality)
+        pixels = np.asarray(image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    if noise:  # a window of one field at a seeded offset: cheaper than new noise for every photo
+        key = (width, height, noise)
+        if key not in _NOISE:
+            field = np.random.default_rng(0).standard_normal((height + 64, width + 64, 3), dtype=np.float32)
+            _NOISE[key] = field * noise
+        y, x = np.random.default_rng(seed).integers(0, 64, 2)
+        pixels += _NOISE[key][y : y + height, x : x + width]
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target, quality=quality)
 
 
 def make_photos(
-    source: Path, target: Path, counts: dict[str, int], size: tuple[int, int] = (512, 384), quality: int = 90
+    source: Path,
+    target: Path,
+    counts: dict[str, int],
+    size: tuple[int, int] = (512, 384),
+    quality: int = 90,
+    noise: float = 6.0,
 ) -> None:
     """Photo-sized JPEGs for measuring the data path: `counts[split]` images of `source/<split>/<class>/*`, taken
-    in turn from each class (again from the first when a class runs out), resized to `size` (bicubic) and saved
-    as JPEG `quality` in `target/<split>/<class>/`, in a process per core. Upscaled small images hold less
-    detail than photos, so they decode a little faster than real photos of that size."""
+    in turn from each class (again from the first when a class runs out), resized to `size` (bicubic), with
+    Gaussian noise of std `noise` (seeded) and saved as JPEG `quality` in `target/<split>/<class>/`, in a process
+    per core. Upscaled small images hold less detail than photos and decode faster: the noise gives them the file
+    size and decoding time of real photos (512x384 from CIFAR-10: about 45 KB and 0.9 ms, as seefood512's photos;
+    without noise 15 KB and 0.6 ms)."""
     jobs = []
     for split, count in counts.items():
         classes = sorted(folder for folder in (source / split).iterdir() if folder.is_dir())
@@ -171,7 +190,7 @@ def make_photos(
             folder, files_of_class = classes[index % len(classes)], files[index % len(classes)]
             file = files_of_class[(index // len(classes)) % len(files_of_class)]
             (target / split / folder.name).mkdir(parents=True, exist_ok=True)
-            jobs.append((file, target / split / folder.name / f"{index:06d}.jpg", size, quality))
+            jobs.append((file, target / split / folder.name / f"{index:06d}.jpg", size, quality, noise, index))
     with multiprocessing.get_context("fork").Pool(len(os.sched_getaffinity(0))) as pool:
         pool.map(_photo, jobs, chunksize=64)
 

@@ -96,7 +96,7 @@ fi
 photos=$work/photos
 if ((tiny)); then
     data=$work/tiny
-    photo_counts="{'train': 32, 'test': 8}" photo_size="(64, 48)"
+    train_photos=32 test_photos=8 photo_width=64 photo_height=48 workers=0
     short=(data=imagefolder "data.root=$data" data.image_size=32 data.batch_size=4 data.num_workers=0 data.store=true
         model=timm model.name=mobilenetv3_small_050 strategy.pretrained=false trainer.max_epochs=2)
     one=(trainer=cpu) all=(trainer=ddp_cpu)
@@ -109,18 +109,18 @@ if ((tiny)); then
     fp16_skip="16-mixed needs a GPU" syncbn_skip="PyTorch's SyncBatchNorm has no CPU kernel" ddp_skip=""
 else
     data=$work/cifar10
-    # 64 steps of 256 in one epoch (val_fraction=0): 16 warm-up and 48 timed, 3 rounds of 16 workers' batches
-    photo_counts="{'train': 16384, 'test': 1024}" photo_size="(512, 384)"
+    # 64 steps of 256 in one epoch (val_fraction=0): 16 warm-up, 48 timed: 3 rounds of batches of 16 workers (16 cores)
+    train_photos=16384 test_photos=1024 photo_width=512 photo_height=384 workers=$cores
     short=(data=imagefolder "data.root=$data" data.image_size=224 data.batch_size=128 data.val_fraction=0
-        data.store=true "data.num_workers=$cores" model=efficientnet_lite0 trainer.max_epochs=1
+        data.store=true "data.num_workers=$workers" model=efficientnet_lite0 trainer.max_epochs=1
         ++trainer.limit_train_batches=40 ++trainer.limit_val_batches=5 ++trainer.limit_test_batches=10)
     one=(trainer=gpu) all=(trainer=ddp "trainer.devices=$((gpus > 1 ? gpus : 2))")
     speed=(--accelerator gpu --sizes 224 --batch-size 256 --warmup 16 --steps 48 "--data=$photos"
-        trainer.precision=bf16-mixed data.val_fraction=0 "data.num_workers=$cores")
+        trainer.precision=bf16-mixed data.val_fraction=0 "data.num_workers=$workers")
     bench=(--models resnet18 efficientnet_lite0 --variants ceiling plain fit store --profile-models resnet18
         --profile-below 10000 --rounds 2 "${speed[@]}" data.store=false)
     nchw=(--models resnet18 --variants ceiling store --rounds 1 "${speed[@]}" model.channels_last=false)
-    headline=(data.store=true "data.num_workers=$cores" trainer=gpu)
+    headline=(data.store=true "data.num_workers=$workers" trainer=gpu)
     fp16_skip="" syncbn_skip="" ddp_skip=""
     ((gpus > 1 || dry)) || ddp_skip="1 GPU"
 fi
@@ -160,8 +160,8 @@ print(f"{len(os.sched_getaffinity(0))} CPU cores, torch {torch.__version__}, CUD
         for name in throughput nchw; do
             [[ -f $work/steps/$name.log ]] || continue
             echo
-            echo "Images/s ($name.log; data: ${photo_size//[() ]/} px JPEGs, quality 90, upscaled from CIFAR-10 training" \
-                "images, $cores loader workers):"
+            echo "Images/s ($name.log; data: $train_photos JPEGs of ${photo_width}x$photo_height px, quality 90," \
+                "upscaled from CIFAR-10 training images; $workers loader workers):"
             sed -n '/^images\/s (median/,$p' "$work/steps/$name.log" | grep -v '^`Trainer'
         done
         [[ -n $util ]] && printf '\nGPU utilisation of each step (nvidia-smi every 0.5 s): %s\n' "$util"
@@ -278,13 +278,14 @@ EOF
         [[ -d $data/train ]] || die "$cifar holds no train/ folder at its top (expected train/<class>/*.jpg, test/...)"
     fi
     if [[ ! -d $photos/train ]]; then
-        echo "Making $photo_counts JPEGs of $photo_size px in $photos"
+        echo "Making $train_photos + $test_photos JPEGs of ${photo_width}x$photo_height px in $photos"
         "$py" -c "import sys
 from pathlib import Path
 from benchmarks._common import make_photos
-make_photos(Path(sys.argv[1]), Path(sys.argv[2]), $photo_counts, $photo_size)" "$data" "$photos"
+make_photos(Path(sys.argv[1]), Path(sys.argv[2]), {'train': $train_photos, 'test': $test_photos}, \
+            ($photo_width, $photo_height))" "$data" "$photos"
     fi
-    rows+=("| data: extracted, $photo_counts photos of $photo_size px made | ok | $((SECONDS - start)) |")
+    rows+=("| data: $train_photos + $test_photos JPEGs of ${photo_width}x$photo_height px made | ok | $((SECONDS - start)) |")
     echo "   data ready ($((SECONDS - start)) s; $((SECONDS - start_time)) s in all)"
 fi
 rm -f "$work/commands.txt"

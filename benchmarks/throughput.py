@@ -267,7 +267,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
                 profiled = args.profile_models is None or model in args.profile_models
                 if fits and profiled and max(results[-1][side] for side in fits) < args.profile_below:
                     print(f"\n{model} {size}px: under {args.profile_below:.0f} images/s, profiled ({fits[0]}):")
-                    profile_fit(cfgs[fits[0]], args.warmup, args.profile_steps)
+                    try:  # the measurements above are kept whatever happens here
+                        profile_fit(cfgs[fits[0]], args.warmup, args.profile_steps)
+                    except Exception as err:
+                        print(f"The profile failed: {type(err).__name__}: {err}", flush=True)
     if args.dry_run:
         return results
     if variants == ("plain", "fit"):

@@ -195,7 +195,7 @@ def test_the_tiny_run_takes_every_step_on_the_cpu_and_says_so(tmp_path):
         for cells in (line.strip("| ").split(" | ") for line in lines[start : lines.index("", start)])
     }
     assert list(rows) == [
-        "data: extracted, {'train': 32, 'test': 8} photos of (64, 48) px made",
+        "data: 32 + 8 JPEGs of 64x48 px made",
         "images/s: ceiling, plain loop, fit (JPEG), fit (store); ResNet-18 and Lite0, bf16, channels-last",
         "headline: EfficientNet-Lite0, CIFAR-10, MobileNetV2 recipe (blog: 94.31 %)",
         "trainer.precision=16-mixed",
