@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
 from hydra import initialize_config_dir
@@ -81,9 +79,10 @@ def test_eval_refuses_a_checkpoint_that_runs_code(tmp_path, image_folder, marker
 
 
 def test_resuming_loads_weights_only(tmp_path, image_folder, marker):
-    """Lightning reads `ckpt_path` before the first step; its own checkpoints load weights-only (test_training)."""
+    """train.py reads `ckpt_path` before any work (finetune.checkpoint.check_resumable), and Lightning again before
+    the first step, weights-only too (test_training)."""
     torch.save({"epoch": 0, "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
     overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
-    with pytest.raises(pickle.UnpicklingError, match="GLOBAL exec"):
+    with pytest.raises(ConfigError, match=r"ckpt_path: refusing to load .*evil.ckpt: .*GLOBAL exec"):
         train(compose_train(tmp_path, [*overrides, f"ckpt_path={tmp_path / 'evil.ckpt'}"]))
     assert not marker.exists()

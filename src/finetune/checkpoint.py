@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback
 
-from finetune.errors import DiskFullError, MissingFileError
+from finetune.errors import DataError, DiskFullError, MissingFileError
+from finetune.models.backbones import load_checkpoint_file
 
 LAST = "last.ckpt"
 RUN_SETTINGS = "run_settings"  # the checkpoint key of the run's resolved settings (plain containers)
@@ -100,6 +102,22 @@ def _disk_full(err: OSError, checkpoint: dict[str, Any], path: Path) -> DiskFull
         "make room (or write the runs to another disk with paths.log_dir=...), then resume with ckpt_path=last or "
         "ckpt_path=<the run folder>."
     )
+
+
+def check_resumable(ckpt_path: str, classes: Sequence[str]) -> None:
+    """Before any work: the checkpoint to resume from reads whole (`load_checkpoint_file` says which whole one is
+    beside a damaged one) and its head is for the data's classes (else torch's `size mismatch for head.bias`, or
+    a head that silently maps one class's outputs onto another's). Remote URLs are Lightning's to read."""
+    if not _is_local_file_protocol(ckpt_path):
+        return
+    checkpoint = load_checkpoint_file(ckpt_path, key="ckpt_path")
+    saved = (checkpoint.get("hyper_parameters") or {}).get("classes") if isinstance(checkpoint, dict) else None
+    if saved is not None and list(saved) != list(classes):
+        raise DataError(
+            f"ckpt_path={ckpt_path} holds a head for the {len(saved)} classes {list(saved)}, but the data "
+            f"(data.root) has the {len(classes)} classes {list(classes)}: resume on the data the run was trained on, "
+            "or train a new run on this data (without ckpt_path)"
+        )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, task_dir: str | os.PathLike) -> str | None:

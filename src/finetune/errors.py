@@ -30,6 +30,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the config points at does not exist."""
 
 
+class DamagedFileError(UserError, ValueError):
+    """A file that does not read whole (cut short, overwritten); the message names it and a whole one to use instead."""
+
+
 class DownloadError(UserError, RuntimeError):
     """Data or weights that could not be fetched or failed their checksum; the message says how to give them locally."""
 

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer
-from finetune.checkpoint import resolve_ckpt_path
+from finetune.checkpoint import check_resumable, resolve_ckpt_path
 from finetune.errors import UserError
 from finetune.loggers import close, hparams, log_hparams_tab, varied_keys
 from finetune.run_dirs import register_resolvers
@@ -58,13 +58,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
     trainer = build_fit_trainer(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
+    if ckpt_path:  # before anything is logged or computed: a damaged file, other classes
+        check_resumable(ckpt_path, datamodule.classes)
     with finalized(trainer.loggers):
         settings = hparams(cfg)
         for logger in trainer.loggers:  # at the start, so a failed run is listed with its settings too
             logger.log_hyperparams(settings)
-        ckpt_path = resolve_ckpt_path(
-            cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name
-        )
         if ckpt_path:
             log.info("Resuming from %s", ckpt_path)
         elif cfg.get("validate_first"):  # val/acc of the initial weights, logged at step 0

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.errors import ConfigError, DownloadError, MissingFileError
+from finetune.errors import ConfigError, DamagedFileError, DownloadError, MissingFileError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -185,17 +185,41 @@ def _reason(err: Exception) -> str:
     return refusal[1] if refusal else f"{type(err).__name__}: {err}"
 
 
+def newest_whole_sibling(path: Path) -> Path | None:
+    """The newest other file beside `path` with its suffix that reads whole (`epoch_003.ckpt` beside a damaged
+    `last.ckpt`), or None. Memory-mapped: only its index is read."""
+    siblings = (p for p in path.parent.glob(f"*{path.suffix}") if p.is_file() and p.resolve() != path.resolve())
+    for sibling in sorted(siblings, key=lambda p: (p.stat().st_mtime, p.name), reverse=True):
+        try:
+            torch.load(sibling, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # damaged too, an older format, or not a weights file
+            continue
+        return sibling
+    return None
+
+
 def load_checkpoint_file(path: str | os.PathLike, key: str = "model.weights_path") -> object:
-    """Loads a user's weights or checkpoint file safely (`weights_only=True`: no code in it runs)."""
+    """Loads a user's weights or checkpoint file safely (`weights_only=True`: no code in it runs).
+
+    A file that would run code is refused as unsafe; one that does not read at all (cut short by a copy or a full
+    disk, or no weights file) is called damaged, with the newest whole file beside it to use instead."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingFileError(f"{key}: no such file: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for crafted files, RuntimeError for junk
+    except pickle.UnpicklingError as err:  # the weights-only unpickler met something that is not plain data
         raise ConfigError(
             f"{key}: refusing to load {path}: only plain tensor state dicts load, so that no code in "
             f"a file can run (torch.load weights_only=True): {_reason(err)}"
+        ) from err
+    except Exception as err:  # RuntimeError (a zip cut short), EOFError (empty), KeyError (junk), ...
+        sibling = newest_whole_sibling(path)
+        instead = f"the newest whole one beside it: {key}={sibling}" if sibling else "no whole one is beside it"
+        raise DamagedFileError(
+            f"{key}: {path} is damaged ({path.stat().st_size} bytes, {_reason(err).splitlines()[0]}): it is not a "
+            f"whole weights or checkpoint file, as a copy cut short or a disk that filled up while it was written "
+            f"leave it; {instead}"
         ) from err
 
 
