@@ -262,3 +262,45 @@ def test_ctrl_c_before_the_first_checkpoint_prints_the_command_to_start_again(tm
     assert result.stderr.endswith(
         f"Interrupted before the run saved a checkpoint: start it again with\n  python train.py {shlex.join(args)}\n"
     ), result.stderr[-2000:]
+
+
+def test_sigterm_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
+    """SIGTERM (a SLURM preemption or time limit, `timeout`): as Ctrl-C, a status, last.ckpt and the command."""
+    args = [
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        *TINY,
+        "strategy.pretrained=false",
+        "trainer.max_epochs=2",
+        "+callbacks.throttle._target_=throttle.Throttle",  # 1 s per step in the last epoch
+    ]
+    env = with_test_modules(tmp_path, monkeypatch)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.terminate()  # SIGTERM
+        output = process.communicate(timeout=120)[0].decode()
+    finally:
+        process.kill()
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert process.returncode == 1, output
+    status = {k: v for k, v in read_status(run).items() if k != "wall_time_s"}
+    assert status == {"status": "interrupted", "error": "SIGTERM (a preemption, a time limit or kill)"}
+    command = f"python train.py {shlex.join(args)} ckpt_path={run}"
+    assert output.endswith(f"Interrupted: resume the run with\n  {command}\n"), output[-2000:]
+
+
+def test_ckpt_path_auto_takes_lightnings_slurm_requeue_checkpoint_when_newer(tmp_path):
+    """On SLURM's requeue signal Lightning saves `hpc_ckpt_<n>.ckpt` into the run folder (trainer.default_root_dir)."""
+    own = tmp_path / "checkpoints" / "last.ckpt"
+    own.parent.mkdir()
+    own.touch()
+    assert resolve_ckpt_path("auto", tmp_path, tmp_path) == str(own)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.touch()
+    os.utime(own, (time.time() - 60, time.time() - 60))
+    assert resolve_ckpt_path("auto", tmp_path, tmp_path) == str(hpc)

@@ -123,15 +123,17 @@ def check_resumable(ckpt_path: str, classes: Sequence[str]) -> None:
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, task_dir: str | os.PathLike) -> str | None:
     """The checkpoint `ckpt_path` means, None for a fresh start.
 
-    `auto`: this run's own checkpoints/last.ckpt if there is one (a requeued SLURM job keeps its folder), else
-    a fresh start. `last`: the same, or else the newest last.ckpt under the task's folder (resume a killed
+    `auto`: this run's own checkpoints/last.ckpt or, if newer, the checkpoint Lightning saved in its folder when
+    SLURM signalled a requeue (`hpc_ckpt_<n>.ckpt`; a requeued job keeps its folder, see README), else a fresh start. `last`: the same, or else the newest last.ckpt under the task's folder (resume a killed
     run). A run folder: its checkpoints/last.ckpt. Anything else goes to Lightning as given.
     """
     if ckpt_path is None:
         return None
     own = Path(output_dir) / "checkpoints" / LAST
     if ckpt_path == "auto":
-        return str(own) if own.is_file() else None
+        found = [path for path in (own, *Path(output_dir).glob("hpc_ckpt_*.ckpt")) if path.is_file()]
+        newest = max(found, key=lambda p: (p.stat().st_mtime, str(p)), default=None)
+        return None if newest is None else str(newest)
     if ckpt_path == "last":
         found = [own] if own.is_file() else Path(task_dir).glob(f"**/checkpoints/{LAST}")
         newest = max(found, key=lambda p: (p.stat().st_mtime, str(p)), default=None)

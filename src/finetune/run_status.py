@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from finetune.checkpoint import LAST
 
@@ -30,8 +31,8 @@ def recorded(run_dir: str | os.PathLike) -> Iterator[None]:
     except BaseException as err:
         record = {
             "status": "failed" if isinstance(err, Exception) else "interrupted",
-            # Lightning turns Ctrl-C into SystemExit(1): both read the same here
-            "error": "KeyboardInterrupt (Ctrl-C)" if interrupted(err) else f"{type(err).__name__}: {err}",
+            # Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException: named by what was sent
+            "error": interruption(err) or f"{type(err).__name__}: {err}",
         }
         raise
     finally:
@@ -56,15 +57,21 @@ def command_line(*extra: str) -> str:
     return shlex.join(["python", sys.argv[0], *kept, *extra])
 
 
-def interrupted(err: BaseException) -> bool:
-    """Ctrl-C: a KeyboardInterrupt, or the SystemExit(1) that Lightning's fit and test turn it into."""
-    return isinstance(err, KeyboardInterrupt) or (
+def interruption(err: BaseException) -> str | None:
+    """What stopped the run from outside, or None: Ctrl-C (a KeyboardInterrupt, or the SystemExit(1) that Lightning's
+    fit and test turn it into) or SIGTERM (a SLURM preemption or time limit, `timeout`, `kill`: Lightning's fit and
+    test stop at the next batch with a SIGTERMException)."""
+    if isinstance(err, KeyboardInterrupt) or (
         isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
-    )
+    ):
+        return "KeyboardInterrupt (Ctrl-C)"
+    if isinstance(err, SIGTERMException):
+        return "SIGTERM (a preemption, a time limit or kill)"
+    return None
 
 
 def resume_hint(run_dir: str | os.PathLike) -> str:
-    """What to type after Ctrl-C: the same command, resumed from the run's last.ckpt if it saved one."""
+    """What to type after Ctrl-C or SIGTERM: the same command, resumed from the run's last.ckpt if it saved one."""
     if (Path(run_dir) / "checkpoints" / LAST).is_file():
         return f"Interrupted: resume the run with\n  {command_line(f'ckpt_path={run_dir}')}"
     return f"Interrupted before the run saved a checkpoint: start it again with\n  {command_line()}"

@@ -22,7 +22,7 @@ from finetune.checkpoint import check_resumable, resolve_ckpt_path
 from finetune.errors import UserError
 from finetune.loggers import close, hparams, log_hparams_tab, varied_keys
 from finetune.run_dirs import register_resolvers
-from finetune.run_status import interrupted, recorded, resume_hint
+from finetune.run_status import interruption, recorded, resume_hint
 from finetune.validation import validate
 
 os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
@@ -99,8 +99,8 @@ def main(cfg: DictConfig) -> float | None:
         # One failed job must not end the sweep: it is in the run's status.json and the report.
         log.error("job %s failed, the sweep goes on: %s", HydraConfig.get().job.num, err, exc_info=not user_error)
         return None  # not a number: Optuna records a failed trial
-    except BaseException as err:  # Ctrl-C: recorded as interrupted; say how to go on
-        if not interrupted(err):
+    except BaseException as err:  # Ctrl-C, SIGTERM: recorded as interrupted; say how to go on
+        if not interruption(err):
             raise
         sys.exit(resume_hint(cfg.paths.output_dir) if rank_zero_only.rank == 0 else 1)
     if multirun:
