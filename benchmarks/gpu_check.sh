@@ -24,6 +24,7 @@
 # skipped). When $OUT is set, the section is also copied to $OUT/gpu_check.md and the logs to
 # $OUT/gpu_check_logs.tar.gz. $PYTHON: the Python to run (default python, else python3).
 set -euo pipefail
+caller=$PWD
 cd "$(dirname "$0")/.."
 root=$PWD
 
@@ -32,15 +33,19 @@ die() {
     exit 1
 }
 
-cifar=${CIFAR10_TGZ:-} bundle="" out="" work="" dry=0 tiny=0 budget=""
+from_caller() {  # a path as the caller gave it, relative to where the script was started
+    if [[ $1 == /* ]]; then echo "$1"; else echo "$caller/$1"; fi
+}
+
+cifar=${CIFAR10_TGZ:+$(from_caller "$CIFAR10_TGZ")} bundle="" out="" work="" dry=0 tiny=0 budget=""
 py=${PYTHON:-python}
 command -v "$py" >/dev/null || py=python3
 while (($#)); do
     case $1 in
-    --bundle) bundle=${2:?}; shift 2 ;;
-    --cifar10) cifar=${2:?}; shift 2 ;;
-    --out) out=${2:?}; shift 2 ;;
-    --work) work=${2:?}; shift 2 ;;
+    --bundle) bundle=$(from_caller "${2:?}"); shift 2 ;;
+    --cifar10) cifar=$(from_caller "${2:?}"); shift 2 ;;
+    --out) out=$(from_caller "${2:?}"); shift 2 ;;
+    --work) work=$(from_caller "${2:?}"); shift 2 ;;
     --budget) budget=${2:?}; shift 2 ;;
     --dry-run) dry=1; shift ;;
     --tiny) tiny=1; shift ;;

@@ -126,6 +126,16 @@ def test_a_missing_bundle_or_archive_is_named(tmp_path, args, error):
     assert result.stderr == f"Error: {error.format(tmp=tmp_path)}\n"
 
 
+def test_a_step_that_no_longer_fits_the_budget_is_skipped_and_said_so(tmp_path):
+    result = gpu_check("--tiny", "--work", str(tmp_path), "--budget", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    section = (tmp_path / "gpu_check.md").read_text()
+    assert "| data: 32 + 8 JPEGs of 64x48 px made | ok | " in section
+    assert "| trainer.precision=bf16-mixed | skipped: out of time: " in section
+    assert " s of the 1 s budget left, about 30 s needed | - |" in section
+    assert section.count("| ok") == 1  # nothing ran after the data
+
+
 def test_the_bundle_script_names_a_missing_archive(tmp_path):
     result = subprocess.run(
         ["bash", "benchmarks/gpu_bundle.sh", str(tmp_path / "bundle")],
