@@ -16,7 +16,11 @@ BAD = {
     "strategy.head_lr_mult=0": "strategy.head_lr_mult=0 must be > 0",
     "strategy.backbone_lr_mult=-1": "strategy.backbone_lr_mult=-1 must be > 0",
     "strategy.layer_decay=0": "strategy.layer_decay=0 must be > 0",
-    "data.batch_size=0": "data.batch_size=0 must be > 0",
+    "data.batch_size=0": "data.batch_size=0 must be an integer >= 1",
+    "trainer.max_epochs=0": (
+        "trainer.max_epochs=0 must be an integer >= 1: 0 epochs train nothing; to test a checkpoint without training: "
+        "python eval.py ckpt_path=..."
+    ),
     "strategy.bn=frozen": "strategy.bn=frozen must be one of train, eval",
     "model.head_init=imagenet": "model.head_init=imagenet must be one of default, source",
     "loss.label_smoothing=1.0": "loss.label_smoothing=1.0 must be in [0, 1)",

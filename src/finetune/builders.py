@@ -104,7 +104,7 @@ def build(cfg: DictConfig) -> tuple[ImageFolderDataModule, FineTuneModule]:
 def instantiate_callbacks(config: DictConfig | None) -> list[Callback]:
     """The callbacks of a `callbacks` config; an entry set to null (`callbacks.progress_bar=null`) or switched off
     (`finetune.callbacks.optional` with `enabled: false`) is left out."""
-    callbacks = (instantiate(entry) for entry in (config or {}).values() if entry is not None)
+    callbacks = (instantiate_unwrapped(entry) for entry in (config or {}).values() if entry is not None)
     return [callback for callback in callbacks if callback is not None]
 
 

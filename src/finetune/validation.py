@@ -27,7 +27,29 @@ POSITIVE = (
     "strategy.head_lr_mult",
     "strategy.backbone_lr_mult",
     "strategy.layer_decay",
-    "data.batch_size",
+)
+NON_NEGATIVE = ("optimizer.weight_decay", "trainer.gradient_clip_val")
+# Integer keys: their least value, and the word they take besides numbers (None: no word)
+INTEGERS = {
+    "data.batch_size": (1, None),
+    "trainer.max_epochs": (1, None),
+    "data.num_workers": (0, "auto"),
+    "strategy.trainable": (0, "all"),
+    "strategy.unfreeze_step": (1, "all"),
+    "seed": (0, None),
+}
+# What to do instead, after a key's message
+HINTS = {
+    "trainer.max_epochs": "0 epochs train nothing; to test a checkpoint without training: python eval.py ckpt_path=..."
+}
+BOOLEANS = (
+    "validate_first",
+    "strategy.pretrained",
+    "model.channels_last",
+    "model.compile",
+    "callbacks.feature_cache.enabled",
+    "callbacks.ema.enabled",
+    "callbacks.early_stopping.enabled",
 )
 # Keys that take one of a few words
 CHOICES = {
@@ -35,13 +57,48 @@ CHOICES = {
     "model.head_init": ("default", "source"),
     "data.sampler": ("shuffle", "balanced"),
     "data.augment_on": ("auto", "device", "workers"),
+    # Lightning's precisions (`16`, `32`, `bf16` are its aliases)
+    "trainer.precision": ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", 16, 32, 64, "bf16"),
 }
 # What the values a command must give (??? in conf/) look like, for the example command of their error
 EXAMPLES = {"data.root": "/path/to/images", "ckpt_path": "logs/train/runs/<timestamp>/checkpoints/last.ckpt"}
 
 
+def number(value: object) -> bool:
+    """An int or float (a bool is neither here, though Python says so)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_problems(cfg: DictConfig) -> Iterator[str]:
+    """Numbers where numbers belong (a word there stopped the run with a TypeError), integers with their least
+    value, booleans, and `strategy.unfreeze_at` as a list of epochs."""
+    for key, (least, word) in INTEGERS.items():
+        value = OmegaConf.select(cfg, key)
+        if (
+            value is None
+            or value == word
+            or (isinstance(value, int) and not isinstance(value, bool) and value >= least)
+        ):
+            continue
+        also = f" or {word}" if word else ""
+        hint = f": {HINTS[key]}" if key in HINTS else ""
+        yield f"{key}={value} must be an integer >= {least}{also}{hint}"
+    for key in NON_NEGATIVE:
+        if (value := OmegaConf.select(cfg, key)) is not None and not (number(value) and value >= 0):
+            yield f"{key}={value} must be a number >= 0"
+    for key in BOOLEANS:
+        if (value := OmegaConf.select(cfg, key)) is not None and not isinstance(value, bool):
+            yield f"{key}={value} must be true or false"
+    epochs = OmegaConf.select(cfg, "strategy.unfreeze_at")
+    if epochs is not None and not (
+        OmegaConf.is_list(epochs) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs)
+    ):
+        yield f"strategy.unfreeze_at={epochs} must be a list of epochs >= 0, e.g. strategy.unfreeze_at=[1]"
+
+
 def _late_unfreezing(cfg: DictConfig) -> str | None:
-    epochs = list(OmegaConf.select(cfg, "strategy.unfreeze_at") or [])
+    epochs = OmegaConf.select(cfg, "strategy.unfreeze_at")
+    epochs = list(epochs) if OmegaConf.is_list(epochs) else []
     max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     late = [e for e in epochs if max_epochs is not None and 0 <= max_epochs <= e]
     if not late:
@@ -57,11 +114,15 @@ def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
     if augment is not None and not isinstance(augment, bool) and augment not in AUGMENTATIONS:  # true/false: d2l/none
         yield f"data.augment={augment} must be one of {', '.join(AUGMENTATIONS)}"
     erasing = OmegaConf.select(cfg, "data.random_erasing")
-    if erasing is not None and not 0 <= erasing <= 1:
+    if erasing is not None and not (number(erasing) and 0 <= erasing <= 1):
         yield f"data.random_erasing={erasing} must be a probability in [0, 1] (0 = off)"
     alphas = {key: OmegaConf.select(cfg, key) for key in ("data.mixup", "data.cutmix")}
-    yield from (f"{key}={alpha} must be >= 0 (0 = off)" for key, alpha in alphas.items() if alpha and alpha < 0)
-    mixing = [f"{key}={alpha}" for key, alpha in alphas.items() if alpha and alpha > 0]
+    yield from (
+        f"{key}={alpha} must be >= 0 (0 = off)"
+        for key, alpha in alphas.items()
+        if alpha is not None and not (number(alpha) and alpha >= 0)
+    )
+    mixing = [f"{key}={alpha}" for key, alpha in alphas.items() if number(alpha) and alpha > 0]
     if mixing and OmegaConf.select(cfg, "callbacks.feature_cache.enabled"):
         yield (
             f"{' and '.join(mixing)}: MixUp and CutMix mix images, but callbacks.feature_cache.enabled=true trains on cached features: "
@@ -123,24 +184,25 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems = missing_values(cfg) + [
         f"{key}={value} must be > 0"
         for key in POSITIVE
-        if (value := OmegaConf.select(cfg, key)) is not None and not value > 0
+        if (value := OmegaConf.select(cfg, key)) is not None and not (number(value) and value > 0)
     ]
+    problems += _type_problems(cfg)
     problems += [
-        f"{key}={value} must be one of {', '.join(valid)}"
+        f"{key}={value} must be one of {', '.join(map(str, valid))}"
         for key, valid in CHOICES.items()
         if (value := OmegaConf.select(cfg, key)) is not None and value not in valid
     ]
     smoothing = OmegaConf.select(cfg, "loss.label_smoothing")
-    if smoothing is not None and not 0 <= smoothing < 1:
+    if smoothing is not None and not (number(smoothing) and 0 <= smoothing < 1):
         problems.append(f"loss.label_smoothing={smoothing} must be in [0, 1)")
     image_size = OmegaConf.select(cfg, "data.image_size")
-    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+    if image_size is not None and not (isinstance(image_size, int) and image_size >= MIN_IMAGE_SIZE):
         problems.append(
             f"data.image_size={image_size} is too small: the backbones shrink images {MIN_IMAGE_SIZE}x, "
             f"so it must be >= {MIN_IMAGE_SIZE}"
         )
     val_fraction = OmegaConf.select(cfg, "data.val_fraction")
-    if val_fraction is not None and not 0 <= val_fraction < 1:
+    if val_fraction is not None and not (number(val_fraction) and 0 <= val_fraction < 1):
         problems.append(f"data.val_fraction={val_fraction} must be in [0, 1) (0 = validate on the test split)")
     problems += _augmentation_problems(cfg)
     problems += _store_problems(cfg)
