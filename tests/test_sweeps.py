@@ -107,7 +107,8 @@ def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete
     assert report.returncode == 0, report.output
     rows = [line for line in report.output.splitlines() if line.startswith("| ") and "status" not in line]
     assert [row.split(" | ")[1] for row in rows] == ["0.01", "1e+06"]
-    assert [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows] == ["completed", "failed"]
+    statuses = [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows]  # a tiny run at chance is also "collapsed"
+    assert statuses[0] in ("completed", "completed, collapsed") and statuses[1] == "failed"
     assert "- 1: FloatingPointError: The training loss is not finite" in (folder / "report.md").read_text()
     assert (folder / "acc_vs_lr.png").stat().st_size > 10_000 and (folder / "curves.png").is_file()
 
@@ -120,7 +121,7 @@ def test_optuna_searches_lr_and_head_lr_mult_for_the_best_val_acc(tmp_path, imag
     trials = [yaml.safe_load((folder / job / ".hydra" / "overrides.yaml").read_text()) for job in "01"]
     lrs = [float(o.split("=")[1]) for trial in trials for o in trial if o.startswith("optimizer.lr=")]
     mults = [float(o.split("=")[1]) for trial in trials for o in trial if o.startswith("strategy.head_lr_mult=")]
-    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 1e-1 for lr in lrs)
+    assert len(set(lrs)) == 2 and all(1e-5 <= lr <= 1e-3 for lr in lrs)  # where AdamW fine-tunes
     assert len(mults) == 2 and all(1.0 <= m <= 100.0 for m in mults)
     results = yaml.safe_load((folder / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(max(val_acc(folder / job) for job in "01"))

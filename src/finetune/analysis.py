@@ -71,6 +71,29 @@ class ClassificationMetrics:
     reliability: ReliabilityBins
 
 
+# A run has collapsed when one class takes this share of the predictions, this much more than its share of the labels
+COLLAPSE_SHARE, COLLAPSE_EXCESS = 0.9, 0.25
+
+
+def collapse(metrics: ClassificationMetrics) -> str | None:
+    """Why the predictions have collapsed, or None: one class predicted for nearly every image (far more than it
+    holds), or an accuracy no better than chance (1 / classes). A diverged fine-tune often ends there while its
+    best epoch's val acc still looks fine (issue 26: 9 of 20 trials of an lr search at test acc 0.100 = chance)."""
+    total = sum(metrics.support)
+    predicted = [sum(row[c] for row in metrics.confusion) for c in range(len(metrics.classes))]
+    top = max(range(len(predicted)), key=predicted.__getitem__)
+    share, holds = predicted[top] / total, metrics.support[top] / total
+    if share >= COLLAPSE_SHARE and share - holds >= COLLAPSE_EXCESS:
+        return (
+            f"predictions collapsed: '{metrics.classes[top]}' for {share:.0%} of the {total} test images (it is "
+            f"{holds:.0%} of them), test acc {metrics.accuracy:.3f}, macro-F1 {metrics.macro_f1:.3f}"
+        )
+    chance = 1 / len(metrics.classes)
+    if len(metrics.classes) > 1 and metrics.accuracy <= chance + 1e-6:  # accuracy is float32
+        return f"predictions collapsed: test acc {metrics.accuracy:.3f} is no better than chance ({chance:.3f})"
+    return None
+
+
 def _check(scores: torch.Tensor, labels: torch.Tensor, classes: Sequence[str] | None = None) -> None:
     if scores.ndim != 2 or labels.shape != scores.shape[:1] or len(labels) == 0:
         raise ValueError(

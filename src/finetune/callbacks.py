@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -13,7 +14,9 @@ from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from finetune.analysis import write_report
+from finetune.analysis import collapse, write_report
+
+log = logging.getLogger(__name__)
 
 
 def optional(callback: str, enabled: bool = False, **kwargs: Any) -> Callback | None:
@@ -63,11 +66,14 @@ class ErrorAnalysis(Callback):
     `output_dir` (eval.md, confusion matrix, reliability diagram, most confidently wrong images), its macro-F1,
     balanced accuracy and ECE logged beside test/acc (so they reach the HPARAMS tab), its figures to TensorBoard.
 
-    The logits are those `test_step` returns, so this costs no second pass over the test split.
+    The logits are those `test_step` returns, so this costs no second pass over the test split. Predictions that
+    collapsed (one class for nearly everything, or chance accuracy) are a warning, `test/collapsed` = 1 and, through
+    `finetune.train`, a note in the run's status.json and the sweep report.
     """
 
     def __init__(self, output_dir: str | os.PathLike):
         self.output_dir = Path(output_dir)
+        self.collapse: str | None = None  # `finetune.analysis.collapse` of the last test
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
 
@@ -99,7 +105,11 @@ class ErrorAnalysis(Callback):
         # `image` is there unless the split is cached features (finetune.caching): then no grid of images
         image = getattr(dataset, "image", None)
         report = write_report(self.output_dir, logits.cpu(), labels.cpu(), pl_module.classes, image=image)
-        pl_module.log_dict({f"test/{name}": value for name, value in report.scalars.items()}, rank_zero_only=True)
+        self.collapse = collapse(report.metrics)
+        if self.collapse:
+            log.warning("%s: the run completed, but its model is no classifier (lower optimizer.lr?)", self.collapse)
+        scalars = report.scalars | {"collapsed": float(self.collapse is not None)}
+        pl_module.log_dict({f"test/{name}": value for name, value in scalars.items()}, rank_zero_only=True)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 report.add_figures(logger.experiment, "test", trainer.global_step)

@@ -48,6 +48,7 @@ class Run:
     curves: dict[str, list[float]]  # per epoch, index = epoch
     test_acc: float
     test_macro_f1: float
+    collapsed: str | None = None  # why its test predictions collapsed (`finetune.analysis.collapse`), if they did
 
     @property
     def best_val_acc(self) -> float:
@@ -122,6 +123,7 @@ def load_run(run_dir: Path, name: str) -> Run:
         strategy=OmegaConf.select(config, "strategy.name", throw_on_resolution_failure=False),
         lr=OmegaConf.select(config, "optimizer.lr", throw_on_resolution_failure=False),
         status=str(status.get("status", "unfinished")),
+        collapsed=status.get("collapsed"),
         error=status.get("error"),
         wall_time_s=float(status.get("wall_time_s", math.nan)),
         curves=_per_epoch(scalars),
@@ -187,7 +189,7 @@ def runs_table(runs: Sequence[Run]) -> str:
             _fmt(run.test_macro_f1),
             str(run.epochs),
             _fmt(run.wall_time_s, 0),
-            run.status,
+            f"{run.status}, collapsed" if run.collapsed else run.status,
         ]
         for run in runs
     ]
@@ -242,8 +244,9 @@ def summary_table(runs: Sequence[Run]) -> str:
 
 
 def best_run(runs: Sequence[Run]) -> Run | None:
-    """The completed run with the best validation accuracy (the test split does not choose), None if none."""
-    done = [r for r in runs if r.status == "completed" and not math.isnan(r.best_val_acc)]
+    """The completed run with the best validation accuracy (the test split does not choose; a collapsed run is no
+    candidate), None if none."""
+    done = [r for r in runs if r.status == "completed" and not r.collapsed and not math.isnan(r.best_val_acc)]
     return max(done, key=lambda r: r.best_val_acc, default=None)
 
 
@@ -332,6 +335,10 @@ def write_report(folder: str | os.PathLike) -> str:
     failed = [f"- {r.name}: {r.error}" for r in runs if r.status == "failed"]
     if failed:
         parts += ["", "Failed runs:", "", *failed]
+    collapsed = [f"- {r.name}: {r.collapsed}" for r in runs if r.collapsed]
+    if collapsed:  # completed, but no classifier: not a candidate for the best run
+        parts += ["", "Collapsed runs (completed, but one class for nearly every test image, or chance accuracy):", ""]
+        parts += collapsed
     if any(len(members) > 1 for members in groups(runs).values()):
         parts += ["", f"## Summary (mean ± std over {repeated_over(runs)})", "", summary_table(runs)]
     best = best_run(runs)

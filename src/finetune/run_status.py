@@ -22,12 +22,13 @@ STATUS_FILE = "status.json"
 
 
 @contextmanager
-def recorded(run_dir: str | os.PathLike) -> Iterator[None]:
-    """Times the block and writes `completed`, or `failed`/`interrupted` with the error (which still propagates)."""
+def recorded(run_dir: str | os.PathLike) -> Iterator[dict[str, object]]:
+    """Times the block and writes `completed`, or `failed`/`interrupted` with the error (which still propagates).
+    The block may add notes to the record it is given (`collapsed`: see `finetune.analysis.collapse`)."""
     start = time.perf_counter()
     record: dict[str, object] = {"status": "completed"}
     try:
-        yield
+        yield record
     except BaseException as err:
         record = {
             "status": "failed" if isinstance(err, Exception) else "interrupted",

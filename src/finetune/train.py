@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer
+from finetune.callbacks import ErrorAnalysis
 from finetune.checkpoint import check_resumable, resolve_ckpt_path
 from finetune.errors import UserError
 from finetune.loggers import close, hparams, log_hparams_tab, varied_keys
@@ -52,7 +53,8 @@ def finalized(loggers: list[Logger]) -> Iterator[None]:
             close(logger, status)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str, float]:
+    """`status`: the run's status.json record, which gets `collapsed` when the test predictions collapsed."""
     validate(cfg)  # before anything is downloaded or built
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -75,6 +77,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
+        verdicts = [c.collapse for c in trainer.callbacks if isinstance(c, ErrorAnalysis) and c.collapse]
+        if verdicts and status is not None:
+            status["collapsed"] = verdicts[0]
         final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss", "macro_f1", "ece"))}
         for logger in trainer.loggers:  # the HPARAMS tab pairs each run's settings with these; other loggers have them
             if isinstance(logger, TensorBoardLogger):
@@ -88,8 +93,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        with recorded(cfg.paths.output_dir):  # status.json: completed or failed, wall time
-            metrics = train(cfg)
+        with recorded(cfg.paths.output_dir) as status:  # status.json: completed or failed, wall time
+            metrics = train(cfg, status)
     except Exception as err:
         user_error = isinstance(err, UserError)  # bad config, data or files: the message says what to change
         if not multirun:
