@@ -24,7 +24,7 @@ BAD = {
     "strategy.bn=frozen": "strategy.bn=frozen must be one of train, eval",
     "model.head_init=imagenet": "model.head_init=imagenet must be one of default, source",
     "loss.label_smoothing=1.0": "loss.label_smoothing=1.0 must be in [0, 1)",
-    "data.image_size=16": "data.image_size=16 is too small: the backbones shrink images 32x, so it must be >= 32",
+    "data.image_size=16": "data.image_size=16 must be an integer >= 32 (pixels): the backbones shrink images 32x",
     "data.val_fraction=1.0": "data.val_fraction=1.0 must be in [0, 1) (0 = validate on the test split)",
     "data.augment=autoaugment": "data.augment=autoaugment must be one of d2l, trivialaugment, randaugment, none",
     "data.random_erasing=1.5": "data.random_erasing=1.5 must be a probability in [0, 1] (0 = off)",

@@ -198,8 +198,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     image_size = OmegaConf.select(cfg, "data.image_size")
     if image_size is not None and not (isinstance(image_size, int) and image_size >= MIN_IMAGE_SIZE):
         problems.append(
-            f"data.image_size={image_size} is too small: the backbones shrink images {MIN_IMAGE_SIZE}x, "
-            f"so it must be >= {MIN_IMAGE_SIZE}"
+            f"data.image_size={image_size} must be an integer >= {MIN_IMAGE_SIZE} (pixels): the backbones shrink "
+            f"images {MIN_IMAGE_SIZE}x"
         )
     val_fraction = OmegaConf.select(cfg, "data.val_fraction")
     if val_fraction is not None and not (number(val_fraction) and 0 <= val_fraction < 1):
