@@ -274,7 +274,8 @@ def test_runs_started_together_into_one_new_store_all_log(tmp_path, logger):
     SQLite store ran in each at once (all exited 1, `duplicate column name: step`, the store left unreadable);
     W&B's offline runs share its config and cache folders (about 10 s of CPU per job)."""
     jobs = 3
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(Path(__file__).parents[1])}
+    paths = [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]  # tests.parallel_logger
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(paths)}
     env |= {
         variable: str(tmp_path / "wandb-home") for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")
     }
