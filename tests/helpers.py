@@ -18,7 +18,9 @@ from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
 # Small, fast, offline: 32 px, batch 8, one epoch on the CPU, no workers (conf/debug/tiny.yaml); with d2l's plain
 # recipe (every weight trains from the first step at a constant lr, plain cross-entropy), which the mechanisms under
-# test were written against. Overrides after these win; tests of the default recipe compose without them.
+# test were written against. Overrides after these win; tests of the default recipe compose without them, and
+# tests/test_defaults.py runs every documented feature once with the defaults (a feature tested only here can break
+# with them unseen, as the feature cache did: issue 26).
 TINY = ["debug=tiny", "strategy=finetune", "optimizer=sgd", "scheduler=none", "loss.label_smoothing=0"]
 
 
