@@ -58,7 +58,7 @@ def test_the_dry_run_prints_every_gpu_command_and_composes_each(tmp_path, cifar)
     commands = composed(result.stdout)
     data, photos = f"data.root={tmp_path}/work/cifar10", f"--data={tmp_path}/work/photos"
     speed = (
-        f"--accelerator gpu --sizes 224 --batch-size 256 --warmup 16 --steps 48 {photos} trainer.precision=bf16-mixed"
+        f"--accelerator gpu --sizes 224 --batch-size 256 --warmup 8 --steps 24 {photos} trainer.precision=bf16-mixed"
     )
     expected = [  # in the order they run: the speeds and the headline first, DDP (composed only here) last
         [

@@ -216,7 +216,7 @@ def test_store_settings_that_cannot_work_are_named(tmp_path, overrides, message)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it there)")
 def test_on_a_gpu_the_crop_runs_on_the_device_by_default_with_the_cpus_result(images, tmp_path, caplog):
-    data = datamodule(images, tmp_path, val_fraction=0)
+    data = datamodule(images, tmp_path, val_fraction=0, augment_on="device")
     batch = next(iter(data.train_dataloader()))  # no trainer: a CPU batch
     on_cpu = DeviceAugment(CONFIG)(batch)[0]
     on_gpu = DeviceAugment(CONFIG)(CropSample(*(t.cuda() for t in batch)))[0]

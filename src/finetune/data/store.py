@@ -104,9 +104,17 @@ def build_store(paths: Sequence[Path], side: int, config: InputConfig, file: Pat
     array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), 3, side, side))
     mode = InterpolationMode(config.interpolation)
     crop = round(config.image_size * side / config.resize)  # the eval crop, in stored pixels
-    with ThreadPoolExecutor() as pool:  # PIL's decoder and torch's resize release the GIL
-        for index, square in enumerate(pool.map(lambda path: _square(path, side, mode, crop), paths)):
-            array[index] = square
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per image: a resize of its own in each of N threads would run N x N
+    try:
+        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # PIL's decoder and torch release the GIL
+            tenth = max(1, len(paths) // 10)
+            for index, square in enumerate(pool.map(lambda path: _square(path, side, mode, crop), paths)):
+                array[index] = square
+                if (index + 1) % tenth == 0:
+                    log.info("  %d of %d images in %.1f s", index + 1, len(paths), time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
     array.flush()
     del array
     partial.replace(file)
