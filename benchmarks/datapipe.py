@@ -44,7 +44,7 @@ from benchmarks._common import DATASETS, benchmark_parser, machine, median, tabl
 from benchmarks.strategies import cifar10_subset
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder, read_rgb
-from finetune.data.store import DeviceAugment, StoredCrops, StoredImages
+from finetune.data.store import DeviceAugment, StoredCrops, StoredImages, collate_crops
 from finetune.data.transforms import train_transform
 from finetune.models import timm_backbone, torchvision_backbone
 from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
@@ -102,12 +102,16 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return images.sub_(mean).div_(std)
 
 
-def loader_rate(dataset: Dataset, batch_size: int, workers: int, rounds: int, after: Callable | None = None) -> float:
+def loader_rate(
+    dataset: Dataset, batch_size: int, workers: int, rounds: int, after: Callable | None = None, collate=None
+) -> float:
     """Images/s delivered (median of rounds), after one warm-up batch per round; `after` makes the model's
     images of a batch in the main process."""
     rates = []
     for _ in range(rounds):
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, collate_fn=collate
+        )
         count, start = 0, None
         for batch in loader:
             images = after(batch) if after is not None else batch[0]
@@ -146,7 +150,8 @@ def variants(
     project = train_transform(config)
     start = time.perf_counter()
     stored = StoredImages.of(folder, None, config, store_dir)
-    print(f"store of {len(stored)} images at {stored.side} px: {time.perf_counter() - start:.1f} s", flush=True)
+    seconds = time.perf_counter() - start
+    print(f"store of {len(stored)} images, short side {stored.side} px: {seconds:.1f} s", flush=True)
     everything = range(len(folder))
     device = DeviceAugment(config)
     found = {
@@ -190,8 +195,9 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         for source, folder_path, tiny in sources:
             folder = ImageFolder(folder_path)
             for variant, (dataset, after) in variants(folder, size, tiny, store_dir).items():
-                per_worker = loader_rate(dataset, args.batch_size, 1, args.rounds, after)
-                default = loader_rate(dataset, args.batch_size, args.workers, args.rounds, after)
+                collate = collate_crops if isinstance(dataset, StoredCrops) else None
+                per_worker = loader_rate(dataset, args.batch_size, 1, args.rounds, after, collate)
+                default = loader_rate(dataset, args.batch_size, args.workers, args.rounds, after, collate)
                 rows.append([source, size, variant, per_worker, default])
                 print(rows[-1], flush=True)
     shutil.rmtree(store_dir)

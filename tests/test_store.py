@@ -62,6 +62,8 @@ def test_the_eval_transform_gives_the_same_pixels_from_the_store_as_from_the_fil
     files, stored = datamodule(images, tmp_path, store=False), datamodule(images, tmp_path)
     assert isinstance(stored.datasets["test"].dataset, StoredImages)
     assert stored.datasets["test"].dataset.side == CONFIG.resize == 37
+    wide = stored.datasets["test"].dataset
+    assert wide[len(wide) - 1][0].shape == (3, 37, 59)  # red/wide.jpg, whole: 64x40 resized as the eval transform does
     for split in ("val", "test"):
         assert len(stored.datasets[split]) == len(files.datasets[split]) > 0
         for index in range(len(files.datasets[split])):
@@ -78,7 +80,7 @@ def test_images_are_decoded_once_and_a_changed_file_gives_a_new_store(images, tm
     assert caplog.text.count("Decoding") == 2  # train and test, once
     assert caplog.text.count("read from the store") == 2
     assert again.datasets["train"].dataset.file == first.datasets["train"].dataset.file
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy"]  # no partial file left behind
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy", ".u8", ".u8"]  # no partial file left
 
     changed = images / "test" / "red" / "wide.jpg"
     stat = changed.stat()
@@ -100,7 +102,8 @@ def test_the_side_is_the_eval_resize_capped_at_the_images_or_data_store_size(ima
     large = ImageFolderDataModule(InputConfig(224), images, num_workers=0, store=True, store_dir=tmp_path)
     large.setup()
     assert large.datasets["train"].dataset.side == 40  # not 256: the images' short side is 40 px
-    assert np.load(large.datasets["train"].dataset.file).shape == (26, 3, 40, 40)  # the folder, validation too
+    index = np.load(large.datasets["train"].dataset.file)  # start, height, width of each image of the folder
+    assert len(index) == 26 and {tuple(size) for size in index[:, 1:]} == {(40, 40), (40, 64)}  # whole images
     assert datamodule(images, tmp_path / "small", store_size=20).datasets["test"].dataset.side == 20
 
 
@@ -126,7 +129,7 @@ def test_device_batches_depend_only_on_seed_epoch_and_sample(images, tmp_path):
 
     main, workers = loader(0), loader(2)
     first = next(iter(main))
-    assert isinstance(first, CropSample) and first.image.dtype == torch.uint8 and first.image.shape[-1] == 37
+    assert isinstance(first, CropSample) and first.image.dtype == torch.uint8 and first.image.shape[-2] == 37
     for number in (0, 1):
         torch.testing.assert_close(epoch(main, number), epoch(workers, number), rtol=0, atol=0)
     assert not torch.equal(epoch(main, 0)[0], epoch(main, 1)[0])  # a new shuffle and new crops each epoch

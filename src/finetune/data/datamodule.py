@@ -15,7 +15,14 @@ from torchvision.transforms.v2.functional import to_pil_image
 
 from finetune.data.images import ImageFolder, find_classes
 from finetune.data.sampling import BalancedSampler, ResumableLoader, Seeded, SeededCollate, SeededSampler
-from finetune.data.store import CropSample, DeviceAugment, StoredCrops, StoredImages, device_augment_blocker
+from finetune.data.store import (
+    CropSample,
+    DeviceAugment,
+    StoredCrops,
+    StoredImages,
+    collate_crops,
+    device_augment_blocker,
+)
 from finetune.data.transforms import augmentation_name, batch_transform, eval_transform, train_transform
 from finetune.errors import ConfigError, MissingFileError
 from finetune.models.backbones import InputConfig
@@ -302,7 +309,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=self.drop_last,
-            collate_fn=SeededCollate(mix) if mix else None,
+            collate_fn=SeededCollate(mix) if mix else collate_crops if self._device_augment else None,
             **self._worker_args(),
         )
 

@@ -1,20 +1,18 @@
-"""The decoded image store (`data.store=true`): every image of a split decoded once, kept as one uint8 array.
+"""The decoded image store (`data.store=true`): every image of a split decoded once, kept as uint8 pixels.
 
 Fine-tuning sets are small, yet each epoch decodes and resizes every JPEG again. The store decodes each image
-once (upright, RGB, as `read_rgb`), resizes its short side to `side` px with the eval transform's
-interpolation and antialiasing, takes the centre `side x side` square and writes all of them into one
-`(N, 3, side, side)` uint8 `.npy` file, memory-mapped when read. Its name is a hash of the files, their sizes and
-mtimes and the requested size, so an edited, added or removed image gives a new store and a stale one is never read.
-
-With `side` = the eval transform's resize (the default), the eval transform on a stored image gives exactly the
-pixels it gives on the file. Training crops come from the stored square instead of the whole photo: a random
-crop of a non-square photo no longer reaches the ends of its long side.
+once (upright, RGB, as `read_rgb`), resizes its short side to `side` px with the eval transform's interpolation
+and antialiasing (the whole image: the training crop still reaches every part of it) and writes the pixels of
+all of them, one after the other, into one file, memory-mapped when read, with an index of where each image
+starts and its size. The names hash the files, their sizes and mtimes and the requested size, so an edited,
+added or removed image gives a new store and a stale one is never read. With `side` = the eval transform's
+resize (the default), the eval transform of a stored image gives exactly the pixels it gives of the file.
 
 On a GPU the d2l augmentation (RandomResizedCrop + flip) runs on whole batches: each sample's crop box and flip
 are drawn in the loader's workers under its own seed (`finetune.data.sampling`), so batches stay the same with
-any number of workers, devices or a mid-epoch resume; the device then crops and resizes every box of the batch in
-one `roi_align` (bilinear, averaging `ceil(box / output)` points per output pixel, which antialiases as resize
-does), flips and normalises.
+any number of workers, devices or a mid-epoch resume; the images of a batch are padded to its largest, and the
+device crops and resizes every box in one `roi_align` (bilinear, averaging `ceil(box / output)` points per
+output pixel, which antialiases as resize does), flips and normalises.
 """
 
 from __future__ import annotations
@@ -43,15 +41,16 @@ from finetune.models.backbones import InputConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = "finetune-store-v1"  # part of every key: a changed layout never reads an old file
+FORMAT = "finetune-store-v2"  # part of every key: a changed layout never reads an old file
 # The d2l crop: RandomResizedCrop's default area and aspect-ratio ranges
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
 def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> str:
-    """Every file's path, byte size and mtime in order, the requested side (None: the default rule), and the eval
-    crop and interpolation the square is taken for."""
-    digest = hashlib.sha256(f"{FORMAT}|{size}|{config.resize}|{config.image_size}|{config.interpolation}".encode())
+    """Every file's path, byte size and mtime in order, and what the stored pixels depend on: the requested side
+    (None: the default rule, capped at the eval resize) and the interpolation."""
+    side = size or f"at most {config.resize}"
+    digest = hashlib.sha256(f"{FORMAT}|{side}|{config.interpolation}".encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
@@ -66,71 +65,71 @@ def default_side(paths: Sequence[Path], resize: int) -> int:
         return min(resize, max(short_sides))
 
 
-def _offset(length: int, side: int, crop: int) -> int:
-    """Where the square starts along a side of `length`: centred, but where the eval crop (`crop` of the
-    resized image, centred by `round`) is centred differently inside the square than inside the whole image, by
-    as much as that, so the eval crop of the square is the eval crop of the image, pixel for pixel."""
-    return round((length - crop) / 2) - round((side - crop) / 2)
+def _resized(path: Path, side: int, interpolation: InterpolationMode) -> np.ndarray:
+    """One image as the eval transform starts: (3, h, w) uint8, its short side resized to `side` (antialiased)."""
+    image = TF.pil_to_tensor(read_rgb(path))
+    return TF.resize(image, [side], interpolation=interpolation, antialias=True).numpy()
 
 
-def _square(path: Path, side: int, interpolation: InterpolationMode, crop: int) -> np.ndarray:
-    """One image as the eval transform starts: short side resized to `side` (antialiased), the square around
-    the eval crop of `crop` px."""
-    image = TF.resize(TF.pil_to_tensor(read_rgb(path)), [side], interpolation=interpolation, antialias=True)
-    height, width = image.shape[-2:]
-    return TF.crop(image, _offset(height, side, crop), _offset(width, side, crop), side, side).numpy()
-
-
-def build_store(paths: Sequence[Path], side: int, config: InputConfig, file: Path) -> None:
-    """Decodes every image into `file` (`.npy`, uint8 `(N, 3, side, side)`), written under a temporary name and
-    renamed when whole, so that a reader (another DDP rank, a parallel run) never sees half a store."""
-    needed = len(paths) * 3 * side * side
+def build_store(paths: Sequence[Path], side: int, config: InputConfig, index_file: Path) -> None:
+    """Decodes every image into `<key>.u8` (the pixels, image after image) and `index_file` (`<key>.npy`: each
+    image's start, height and width), each written under a temporary name and renamed when whole, the index last,
+    so that a reader (another DDP rank, a parallel run) never sees half a store."""
+    pixels_file = index_file.with_suffix(".u8")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        index_file.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # e.g. a checkpoint's store_dir, from the machine it was trained on
+        folder = index_file.parent
         raise ConfigError(
-            f"data.store_dir={file.parent} cannot be written ({err}): set data.store_dir= or data.store=false"
+            f"data.store_dir={folder} cannot be written ({err}): set data.store_dir= or data.store=false"
         ) from err
-    free = shutil.disk_usage(file.parent).free
+    free = shutil.disk_usage(index_file.parent).free
+    needed = len(paths) * 3 * side * side  # at least: the square of each short side
     if needed > free:
         raise ConfigError(
-            f"data.store=true: {len(paths)} images at {side} px need {needed / 2**30:.1f} GiB, but "
-            f"{file.parent} has {free / 2**30:.1f} GiB free: set data.store_dir, a smaller data.store_size, or "
-            "data.store=false"
+            f"data.store=true: {len(paths)} images at {side} px need more than {needed / 2**30:.1f} GiB, but "
+            f"{index_file.parent} has {free / 2**30:.1f} GiB free: set data.store_dir, a smaller data.store_size, "
+            "or data.store=false"
         )
     start = time.perf_counter()
-    log.info("Decoding %d images into the store %s (%d px, %.2f GiB)", len(paths), file, side, needed / 2**30)
-    partial = file.with_name(f"{file.stem}.{os.getpid()}.part.npy")
-    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(len(paths), 3, side, side))
+    log.info("Decoding %d images into the store %s (short side %d px)", len(paths), pixels_file, side)
     mode = InterpolationMode(config.interpolation)
-    crop = round(config.image_size * side / config.resize)  # the eval crop, in stored pixels
+    index = np.zeros((len(paths), 3), dtype=np.int64)  # start, height, width
+    suffix = f".{os.getpid()}.part"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread per image: a resize of its own in each of N threads would run N x N
     try:
-        with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # PIL's decoder and torch release the GIL
-            tenth = max(1, len(paths) // 10)
-            for index, square in enumerate(pool.map(lambda path: _square(path, side, mode, crop), paths)):
-                array[index] = square
-                if (index + 1) % tenth == 0:
-                    log.info("  %d of %d images in %.1f s", index + 1, len(paths), time.perf_counter() - start)
+        with (
+            ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool,  # PIL's decoder and torch release the GIL
+            open(pixels_file.with_suffix(f".u8{suffix}"), "wb") as out,
+        ):
+            tenth, offset = max(1, len(paths) // 10), 0
+            for number, image in enumerate(pool.map(lambda path: _resized(path, side, mode), paths)):
+                index[number] = offset, *image.shape[1:]
+                out.write(image.tobytes())
+                offset += image.size
+                if (number + 1) % tenth == 0:
+                    log.info("  %d of %d images in %.1f s", number + 1, len(paths), time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    array.flush()
-    del array
-    partial.replace(file)
+    pixels_file.with_suffix(f".u8{suffix}").replace(pixels_file)
+    with open(index_file.with_suffix(f".npy{suffix}"), "wb") as out:  # a handle: np.save would add .npy
+        np.save(out, index, allow_pickle=False)
+    index_file.with_suffix(f".npy{suffix}").replace(index_file)
     seconds = time.perf_counter() - start
-    log.info("Stored %d images in %.1f s (%.0f images/s)", len(paths), seconds, len(paths) / seconds)
+    log.info("Stored %d images (%.2f GiB) in %.1f s", len(paths), offset / 2**30, seconds)
 
 
 class StoredImages(Dataset):
-    """An `ImageFolder`'s images from its store: `(uint8 tensor (3, side, side), label)`, with the folder's
-    `samples`, `targets` and `classes` (what labels, the feature cache's key and the reports read)."""
+    """An `ImageFolder`'s images from its store: `(uint8 tensor (3, h, w), label)`, short side `side`, with the
+    folder's `samples`, `targets` and `classes` (what labels, the feature cache's key and the reports read)."""
 
     def __init__(self, folder: ImageFolder, file: Path):
         self.samples, self.targets, self.classes = folder.samples, folder.targets, folder.classes
-        self.file = file
-        self.side = int(np.load(file, mmap_mode="r").shape[-1])
-        self._images: np.ndarray | None = None  # opened in each process that reads (a worker's own map)
+        self.file = file  # the index; the pixels are beside it, `.u8`
+        self.index = np.load(file)
+        self.side = int(self.index[:, 1:].min())
+        self._pixels: np.ndarray | None = None  # mapped in each process that reads (a worker's own map)
 
     @classmethod
     def of(cls, folder: ImageFolder, size: int | None, config: InputConfig, store_dir: Path) -> StoredImages:
@@ -140,28 +139,30 @@ class StoredImages(Dataset):
         if not file.is_file():
             build_store(paths, size or default_side(paths, config.resize), config, file)
         else:
-            log.info("Images of %s read from the store %s", folder.root, file)
+            log.info("Images of %s read from the store %s", folder.root, file.with_suffix(".u8"))
         return cls(folder, file)
 
     @property
-    def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = np.load(self.file, mmap_mode="r")
-        return self._images
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            self._pixels = np.memmap(self.file.with_suffix(".u8"), dtype=np.uint8, mode="r")
+        return self._pixels
 
     def __getstate__(self) -> dict[str, object]:  # a worker process maps the file itself, no copy of the pixels
-        return {**self.__dict__, "_images": None}
+        return {**self.__dict__, "_pixels": None}
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(np.array(self.images[index])), self.targets[index]
+        start, height, width = (int(value) for value in self.index[index])
+        image = np.array(self.pixels[start : start + 3 * height * width]).reshape(3, height, width)
+        return torch.from_numpy(image), self.targets[index]
 
 
 class CropSample(NamedTuple):
     """A stored image with the crop box (x1, y1, x2, y2, in stored pixels) and flip it is to get on the device;
-    batches of it (`default_collate` keeps the type) are finished by `DeviceAugment`."""
+    `collate_crops` batches them, `DeviceAugment` finishes the batch."""
 
     image: torch.Tensor
     box: torch.Tensor
@@ -169,12 +170,14 @@ class CropSample(NamedTuple):
     label: int
 
 
-def eval_box(side: int, config: InputConfig) -> torch.Tensor:
-    """The eval transform's centre crop (`image_size` at `round((resize - image_size) / 2)` of the short side
-    resized to `resize`) in stored pixels: at the store's own size, whole pixels, which `roi_align` copies."""
-    scale = side / config.resize
-    start = round((config.resize - config.image_size) / 2) * scale
-    return torch.tensor([start, start, start + config.image_size * scale, start + config.image_size * scale])
+def eval_box(height: int, width: int, config: InputConfig) -> torch.Tensor:
+    """The eval transform's centre crop (`image_size` at `round((resized - image_size) / 2)` of the image with its
+    short side resized to `resize`) in the stored image's pixels: at the store's own size, whole pixels, which
+    `roi_align` copies."""
+    scale = min(height, width) / config.resize  # stored pixels per resized pixel
+    top, left = (round((length / scale - config.image_size) / 2) * scale for length in (height, width))
+    crop = config.image_size * scale
+    return torch.tensor([left, top, left + crop, top + crop], dtype=torch.float32)
 
 
 class StoredCrops(Dataset):
@@ -182,8 +185,7 @@ class StoredCrops(Dataset):
     from torch's default generator (seeded per sample by `Seeded`); with `random=False` the eval crop, unflipped."""
 
     def __init__(self, stored: StoredImages, indices: Sequence[int], config: InputConfig, random: bool = True):
-        self.stored, self.indices, self.random = stored, list(indices), random
-        self.eval_box = eval_box(stored.side, config)
+        self.stored, self.indices, self.random, self.config = stored, list(indices), random, config
         self.crop = v2.RandomResizedCrop(config.image_size, scale=CROP_SCALE, ratio=CROP_RATIO)
 
     def __len__(self) -> int:
@@ -192,7 +194,7 @@ class StoredCrops(Dataset):
     def __getitem__(self, index: int) -> CropSample:
         image, label = self.stored[self.indices[index]]
         if not self.random:
-            return CropSample(image, self.eval_box, torch.tensor(False), label)
+            return CropSample(image, eval_box(*image.shape[1:], self.config), torch.tensor(False), label)
         params = self.crop.make_params([image])  # top, left, height, width
         top, left, height, width = params["top"], params["left"], params["height"], params["width"]
         flip = torch.rand(()) < 0.5
@@ -203,6 +205,19 @@ class StoredCrops(Dataset):
     @property
     def labels(self) -> list[int]:
         return [self.stored.targets[index] for index in self.indices]
+
+
+def collate_crops(samples: list[CropSample]) -> CropSample:
+    """A batch of `CropSample`s, the images padded at their bottom and right to the largest of the batch (the
+    boxes stay inside each image, so `roi_align` never reads the padding)."""
+    height = max(sample.image.shape[1] for sample in samples)
+    width = max(sample.image.shape[2] for sample in samples)
+    images = torch.zeros((len(samples), 3, height, width), dtype=torch.uint8)
+    for row, sample in zip(images, samples, strict=True):
+        row[:, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
+    boxes = torch.stack([sample.box for sample in samples])
+    flips = torch.stack([torch.as_tensor(sample.flip) for sample in samples])
+    return CropSample(images, boxes, flips, torch.tensor([sample.label for sample in samples]))
 
 
 class DeviceAugment:
