@@ -52,10 +52,12 @@ def event_dir(run_dir: Path) -> Path:
     return folder
 
 
-def readme_commands(heading: str) -> list[str]:
-    """The lines of the first bash block under README.md's `heading`, as typed (comments included)."""
-    section = (PROJECT_ROOT / "README.md").read_text().split(f"\n{heading}\n")[1]
-    return re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1).strip().splitlines()
+def readme_commands(heading: str, block: int = 0) -> list[str]:
+    """The lines of bash block number `block` (0: the first) under README.md's `heading`, as typed (comments
+    included; a block indented in a list item is dedented)."""
+    section = (PROJECT_ROOT / "README.md").read_text().split(f"\n{heading}\n")[1].split("\n## ")[0]
+    found = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[block]
+    return [line.strip() for line in found.strip().splitlines()]
 
 
 def run_cli(args: list[str], root: Path, timeout: int = 300) -> subprocess.CompletedProcess:

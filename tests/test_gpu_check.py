@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import throughput
 from finetune.train import PROJECT_ROOT
+from tests.helpers import readme_commands
 
 BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"
 
@@ -109,6 +110,28 @@ def test_the_bundle_is_installed_without_an_index_and_gives_the_archive(tmp_path
     assert result.stdout.startswith(f"Installing gpu_check_probe-0.1-py3-none-any.whl into {work}/site\n")
     assert (work / "site" / "gpu_check_probe.py").is_file()
     assert f"data.root={work}/cifar10" in composed(result.stdout)[1]
+
+
+def test_readmes_gpu_commands_are_what_the_tests_run(tmp_path):
+    """README's GPU block: `make gpu-bundle` is the Makefile's target for the bundle script (it downloads, so it
+    is not run here), the dry run is run as written on a bundle, the tiny run is the slow test below."""
+    commands = [line.split("  #")[0].strip() for line in readme_commands("## Scaling out", block=1)]
+    assert commands == [
+        "make gpu-bundle",
+        "benchmarks/gpu_check.sh --bundle .whl --dry-run",
+        "benchmarks/gpu_check.sh --tiny",
+        "benchmarks/gpu_check.sh --bundle .whl",
+    ]
+    assert "gpu-bundle:" in (PROJECT_ROOT / "Makefile").read_text()
+    assert "benchmarks/gpu_bundle.sh" in (PROJECT_ROOT / "Makefile").read_text()
+    bundle = tmp_path / ".whl"
+    bundle.mkdir()
+    wheel(bundle, "gpu_check_probe")
+    (bundle / "cifar10-jpg.tar.gz").touch()
+    typed = commands[1].replace(".whl", str(bundle)).split()[1:]
+    result = gpu_check(*typed, "--work", str(tmp_path / "work"), PIP_INDEX_URL="http://127.0.0.1:9/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAILED" not in result.stdout and len(composed(result.stdout)) == 7
 
 
 @pytest.mark.parametrize(
