@@ -18,6 +18,7 @@ from omegaconf import open_dict
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
+from finetune.data.store import CropSample, DeviceAugment
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
 from finetune.run_status import read_status
@@ -138,16 +139,24 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
         assert resumed[key] == uninterrupted[key], key
 
 
-def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images):
+@pytest.mark.parametrize(
+    "store",
+    [{}, {"store": True, "augment_on": "device"}],  # the store's crop boxes and flips, drawn per sample in the workers
+    ids=["files", "store-device-crop"],
+)
+def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images, store):
+    config = InputConfig(32, (0.5,) * 3, (0.5,) * 3)
+    finish = DeviceAugment(config)
+
     def loader(workers: int):
-        config = InputConfig(32, (0.5,) * 3, (0.5,) * 3)
-        data = ImageFolderDataModule(config, images, batch_size=8, val_fraction=0, num_workers=workers)
+        settings = {"batch_size": 8, "val_fraction": 0, "num_workers": workers, "store_dir": tmp_path, **store}
+        data = ImageFolderDataModule(config, images, **settings)
         data.setup()
         return data.train_dataloader()
 
     def epoch(loader, number: int) -> list[torch.Tensor]:
         loader.sampler.set_epoch(number)
-        return [images for images, _ in loader]
+        return [finish(batch)[0] if isinstance(batch, CropSample) else batch[0] for batch in loader]
 
     main, workers = loader(0), loader(2)  # 2 persistent workers: their random state carries over epochs
     for number in (0, 1):

@@ -52,12 +52,6 @@ def datamodule(root: Path, store_dir: Path, **settings) -> ImageFolderDataModule
     return data
 
 
-def epoch(loader, number: int) -> list[torch.Tensor]:
-    """The images of one epoch's batches, finished as on the device."""
-    loader.sampler.set_epoch(number)
-    return [DeviceAugment(CONFIG)(batch)[0] for batch in loader]
-
-
 def test_the_eval_transform_gives_the_same_pixels_from_the_store_as_from_the_files(images, tmp_path):
     files, stored = datamodule(images, tmp_path, store=False), datamodule(images, tmp_path)
     assert isinstance(stored.datasets["test"].dataset, StoredImages)
@@ -120,23 +114,6 @@ def test_the_device_crop_is_torchvisions_resized_crop_with_antialiasing():
         expected = (TF.horizontal_flip(expected) if flip else expected - 0) - mean
         error = ((got * std - expected) * 255).abs()  # in 0..255 grey levels
         assert error.mean() < 1.5 and error.max() < 12, (error.mean(), error.max())
-
-
-def test_device_batches_depend_only_on_seed_epoch_and_sample(images, tmp_path):
-    def loader(workers: int):
-        data = datamodule(images, tmp_path, num_workers=workers, augment_on="device")
-        return data.train_dataloader()
-
-    main, workers = loader(0), loader(2)
-    first = next(iter(main))
-    assert isinstance(first, CropSample) and first.image.dtype == torch.uint8 and first.image.shape[-2] == 37
-    for number in (0, 1):
-        torch.testing.assert_close(epoch(main, number), epoch(workers, number), rtol=0, atol=0)
-    assert not torch.equal(epoch(main, 0)[0], epoch(main, 1)[0])  # a new shuffle and new crops each epoch
-
-    resumed = loader(0)
-    resumed.load_state_dict({"epoch": 1, "batches": 2})
-    torch.testing.assert_close(epoch(resumed, 1), epoch(main, 1)[2:], rtol=0, atol=0)
 
 
 def test_augment_none_on_the_device_is_the_eval_crop(images, tmp_path):
