@@ -60,9 +60,13 @@ def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> s
 def default_side(paths: Sequence[Path], resize: int) -> int:
     """The eval transform's resize, capped at the largest short side of the images (from their headers alone):
     upsampling before storing adds no information, only bytes (CIFAR-10 is stored at 32, not 256 px)."""
-    with ThreadPoolExecutor() as pool:
-        short_sides = pool.map(lambda path: min(Image.open(path).size), paths)
-        return min(resize, max(short_sides))
+
+    def short_side(path: Path) -> int:
+        with Image.open(path) as image:  # reads the header only
+            return min(image.size)
+
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        return min(resize, max(pool.map(short_side, paths)))
 
 
 def _resized(path: Path, side: int, interpolation: InterpolationMode) -> np.ndarray:
