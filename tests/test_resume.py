@@ -225,7 +225,9 @@ def with_test_modules(root: Path, monkeypatch) -> dict[str, str]:
     return {**os.environ, "FINETUNE_ROOT": str(root)}
 
 
-def test_ctrl_c_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
+def interrupt(tmp_path: Path, image_folder: Path, monkeypatch, signal_number: int) -> tuple[Path, str, str]:
+    """`python train.py` on a tiny run, sent `signal_number` once its first last.ckpt exists: the run folder, the
+    command that resumes it and what the process printed (its exit status must be 1)."""
     args = [
         "data=imagefolder",
         f"data.root={image_folder}",
@@ -242,15 +244,20 @@ def test_ctrl_c_records_interrupted_and_prints_the_command_that_resumes_the_run(
         deadline = time.monotonic() + 240
         while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)  # Ctrl-C
+        process.send_signal(signal_number)
         output = process.communicate(timeout=120)[0].decode()
     finally:
         process.kill()
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert process.returncode == 1, output
-    assert {k: v for k, v in read_status(run).items() if k != "wall_time_s"} == CTRL_C
     command = f"python train.py {shlex.join(args)} ckpt_path={run}"
     assert output.endswith(f"Interrupted: resume the run with\n  {command}\n"), output[-2000:]
+    return run, command, output
+
+
+def test_ctrl_c_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
+    run, command, _ = interrupt(tmp_path, image_folder, monkeypatch, signal.SIGINT)  # Ctrl-C
+    assert {k: v for k, v in read_status(run).items() if k != "wall_time_s"} == CTRL_C
 
     resumed = run_cli(shlex.split(command)[1:], tmp_path)
     assert resumed.returncode == 0, resumed.output[-3000:]
@@ -275,32 +282,9 @@ def test_ctrl_c_before_the_first_checkpoint_prints_the_command_to_start_again(tm
 
 def test_sigterm_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
     """SIGTERM (a SLURM preemption or time limit, `timeout`): as Ctrl-C, a status, last.ckpt and the command."""
-    args = [
-        "data=imagefolder",
-        f"data.root={image_folder}",
-        *TINY,
-        "strategy.pretrained=false",
-        "trainer.max_epochs=2",
-        "+callbacks.throttle._target_=throttle.Throttle",  # 1 s per step in the last epoch
-    ]
-    env = with_test_modules(tmp_path, monkeypatch)
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *args], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        process.terminate()  # SIGTERM
-        output = process.communicate(timeout=120)[0].decode()
-    finally:
-        process.kill()
-    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
-    assert process.returncode == 1, output
+    run, _, _ = interrupt(tmp_path, image_folder, monkeypatch, signal.SIGTERM)
     status = {k: v for k, v in read_status(run).items() if k != "wall_time_s"}
     assert status == {"status": "interrupted", "error": "SIGTERM (a preemption, a time limit or kill)"}
-    command = f"python train.py {shlex.join(args)} ckpt_path={run}"
-    assert output.endswith(f"Interrupted: resume the run with\n  {command}\n"), output[-2000:]
 
 
 def test_ckpt_path_auto_takes_lightnings_slurm_requeue_checkpoint_when_newer(tmp_path):
