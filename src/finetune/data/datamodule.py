@@ -270,8 +270,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             "persistent_workers": self.persistent_workers,
         }
 
-    @property
-    def device_augment(self) -> DeviceAugment | None:
+    def _choose_device_augment(self) -> DeviceAugment | None:
         """What finishes the training batches on the device (`augment_on`), or None: each image is transformed
         in the loader's workers."""
         train = self.datasets.get("train")
@@ -293,7 +292,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         (see `finetune.data.sampling`)."""
         mix = batch_transform(self.mixup, self.cutmix, self.num_classes)
         train = self.datasets["train"]
-        self._device_augment = self.device_augment
+        self._device_augment = self._choose_device_augment()
         if self._device_augment is not None:
             train = StoredCrops(train.dataset, train.indices, self.input_config, random=self.augment != "none")
             log.info("Training images are cropped, flipped and normalised as whole batches on the training device")

@@ -42,8 +42,6 @@ from finetune.models.backbones import InputConfig
 log = logging.getLogger(__name__)
 
 FORMAT = "finetune-store-v2"  # part of every key: a changed layout never reads an old file
-# The d2l crop: RandomResizedCrop's default area and aspect-ratio ranges
-CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
 def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> str:
@@ -190,7 +188,7 @@ class StoredCrops(Dataset):
 
     def __init__(self, stored: StoredImages, indices: Sequence[int], config: InputConfig, random: bool = True):
         self.stored, self.indices, self.random, self.config = stored, list(indices), random, config
-        self.crop = v2.RandomResizedCrop(config.image_size, scale=CROP_SCALE, ratio=CROP_RATIO)
+        self.crop = v2.RandomResizedCrop(config.image_size)  # d2l's: its default area and aspect-ratio ranges
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -205,10 +203,6 @@ class StoredCrops(Dataset):
         return CropSample(
             image, torch.tensor([left, top, left + width, top + height], dtype=torch.float32), flip, label
         )
-
-    @property
-    def labels(self) -> list[int]:
-        return [self.stored.targets[index] for index in self.indices]
 
 
 def collate_crops(samples: list[CropSample]) -> CropSample:
