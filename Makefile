@@ -1,5 +1,5 @@
-# Everyday commands (README.md has the rest).
-.PHONY: install test test-slow lint format bench gpu-bundle
+# Everyday commands (README.md and docs/ have the rest).
+.PHONY: install test test-slow lint format docs bench gpu-bundle
 
 install:  ## the project and its dev tools, editable
 	python -m pip install -e ".[dev]"
@@ -17,6 +17,9 @@ lint:  ## what the pre-commit hook checks
 format:
 	ruff check --fix .
 	ruff format .
+
+docs:  ## docs/config.md, the config reference, from conf/ (tests/test_docs.py fails when it is stale)
+	python docs/make_config_reference.py
 
 bench:  ## the strategy comparison on ../shared/datasets/hotdog64 (about 45 min on 2 CPU cores)
 	python -m benchmarks.strategies
