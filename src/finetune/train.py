@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -53,6 +56,30 @@ def finalized(loggers: list[Logger]) -> Iterator[None]:
             close(logger, status)
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """The process's peak resident memory (its loader workers' largest too) and, on a GPU, the peak allocated."""
+    record = {
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_worker_memory_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        record["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return record
+
+
+def fit_record(trainer: L.Trainer, datamodule: object, seconds: float) -> dict[str, object]:
+    """What the fit cost and trained on: its wall time (the resumed part after a resume), optimizer steps, epochs,
+    training images (a few-shot subset's), peak memory."""
+    train = getattr(datamodule, "datasets", {}).get("train")
+    return {
+        "fit_time_s": round(seconds, 2),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_images": len(train) if train is not None else None,
+        **peak_memory_mb(),
+    }
+
+
 def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str, float]:
     """`status`: the run's status.json record, which gets `collapsed` when the test predictions collapsed."""
     validate(cfg)  # before anything is downloaded or built
@@ -73,7 +100,10 @@ def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str,
             (start,) = trainer.validate(model, datamodule=datamodule, verbose=False)
             log.info("Before training: %s", {k: round(v, 4) for k, v in start.items()})
         # weights_only: a checkpoint to resume from runs no code (Lightning would unpickle a URL fully)
+        start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if status is not None:  # the cost side of a comparison (finetune.comparison)
+            status |= fit_record(trainer, datamodule, time.perf_counter() - start)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}

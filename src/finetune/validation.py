@@ -34,6 +34,8 @@ INTEGERS = {
     "data.batch_size": (1, None),
     "trainer.max_epochs": (1, None),
     "data.num_workers": (0, "auto"),
+    "data.shots": (1, None),
+    "data.min_steps_per_epoch": (0, None),
     "strategy.trainable": (0, "all"),
     "strategy.unfreeze_step": (1, "all"),
     "seed": (0, None),

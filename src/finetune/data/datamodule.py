@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -59,6 +60,21 @@ def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> list[list[
     return [sorted(fold) for fold in dealt]
 
 
+def few_shot(labels: Sequence[int], shots: int, seed: int) -> list[int]:
+    """The positions of `shots` samples of each class (all of a class with fewer), by a seeded order of the
+    samples that does not depend on `shots`: the 5 of one seed are among its 10 (nested subsets)."""
+    state = int(np.random.SeedSequence([seed, 5]).generate_state(1, np.uint64)[0])
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(state)).tolist()
+    taken: dict[int, int] = {}
+    chosen = []
+    for position in order:
+        label = labels[position]
+        if taken.get(label, 0) < shots:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append(position)
+    return sorted(chosen)
+
+
 class Transformed(Dataset):
     """A view of some samples of a dataset of PIL images, with its own transform."""
 
@@ -92,7 +108,9 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
     (as d2l does); with `folds` (cross-validation), fold `fold` of train's `stratified_folds` instead, never the
-    test split. `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
+    test split. `shots`: K training images per class (`few_shot`), drawn after the validation split.
+    `min_steps_per_epoch`: an epoch of fewer training batches passes over the data again (a step budget that
+    does not shrink with the data). `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
     override it when set. Unreadable images stop `setup` with their names, or with `skip_bad_images` are
     left out and logged. Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing`
     (a probability), `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
@@ -125,6 +143,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         augment_on: str = "auto",
         folds: int | None = None,
         fold: int = 0,
+        shots: int | None = None,
+        min_steps_per_epoch: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -132,6 +152,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.folds, self.fold = folds, fold
+        self.shots, self.min_steps_per_epoch = shots, min_steps_per_epoch
         self.input_config = input_config.overridden(image_size=image_size, mean=mean, std=std)
         self.num_workers = default_num_workers() if num_workers == "auto" else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
@@ -217,17 +238,30 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def split_train(self, train: Dataset) -> tuple[list[int], list[int]]:
         """The indices of `train` that train and those that validate: fold `fold` of `folds` stratified folds
-        validates, or else a seeded `val_fraction` of the images (none: the test split validates)."""
+        validates, or else a seeded `val_fraction` of the images (none: the test split validates). With `shots`,
+        K images per class of the training part train (`few_shot`); the validation part does not change."""
         if self.folds:
             folds = stratified_folds(read_labels(train, range(len(train))), self.folds, self.seed)
             if not folds[-1]:
                 raise ConfigError(f"data.folds={self.folds} is more than the {len(train)} training images")
-            return sorted(i for k, members in enumerate(folds) if k != self.fold for i in members), folds[self.fold]
+            training = sorted(i for k, members in enumerate(folds) if k != self.fold for i in members)
+            return self._few_shot(train, training), folds[self.fold]
         indices = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
         num_val = round(len(train) * self.val_fraction)
         if num_val == len(train):
             raise ConfigError(f"data.val_fraction={self.val_fraction} leaves none of the {len(train)} training images")
-        return indices[num_val:], indices[:num_val]
+        return self._few_shot(train, indices[num_val:]), indices[:num_val]
+
+    def _few_shot(self, train: Dataset, training: list[int]) -> list[int]:
+        """`shots` images per class of `training` (all of them without `shots`), logged when a class has fewer."""
+        if self.shots is None:
+            return training
+        chosen = few_shot(read_labels(train, training), self.shots, self.seed)
+        counts = torch.bincount(torch.as_tensor(read_labels(train, training), dtype=torch.long)).tolist()
+        short = [f"{self.classes[c]} {n}" for c, n in enumerate(counts) if n < self.shots]
+        if short:
+            log.warning("data.shots=%d: these classes have fewer training images, all are used: %s", self.shots, short)
+        return sorted(training[position] for position in chosen)
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class of a split, in label order (for class-balanced loss weights). Sets the data up first
@@ -298,11 +332,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             log.info("Training images are cropped, flipped and normalised as whole batches on the training device")
         dataset = Seeded(train, with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        min_draws = self.min_steps_per_epoch * self.batch_size * ranks[0]
         sampler = (
-            BalancedSampler(dataset, self.labels["train"], *ranks, seed=self.seed)
+            BalancedSampler(dataset, self.labels["train"], *ranks, seed=self.seed, min_draws=min_draws)
             if self.sampler == "balanced"
-            else SeededSampler(dataset, *ranks, seed=self.seed)
+            else SeededSampler(dataset, *ranks, seed=self.seed, min_draws=min_draws)
         )
+        if min_draws > len(dataset):
+            log.info(
+                "%d training images: each epoch draws %d (data.min_steps_per_epoch=%d batches of %d)",
+                len(dataset),
+                sampler.total_size,
+                self.min_steps_per_epoch,
+                self.batch_size,
+            )
         return ResumableLoader(
             dataset,
             batch_size=self.batch_size,

@@ -12,6 +12,7 @@ restarting a new shuffle.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -46,17 +47,35 @@ class SeededSampler(DistributedSampler):
     already), so 2 ranks with batch B/2 see together what one process sees with batch B.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, min_draws: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.start = 0  # this rank's samples to leave out at the start of the epoch (a mid-epoch resume)
+        # An epoch of at least `min_draws` samples (all ranks together): a small training split is passed over
+        # several times per epoch, so the number of optimizer steps does not shrink with the data
+        self.min_draws = min_draws
+        if min_draws > len(dataset):
+            self.num_samples = math.ceil(min_draws / num_replicas)
+            self.total_size = self.num_samples * num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.draws()[self.start :])
 
     def draws(self) -> list[tuple[int, int]]:
-        """This rank's whole share of the epoch, as `(index, augmentation seed)`."""
+        """This rank's whole share of the epoch, as `(index, augmentation seed)`. The first pass over the data is
+        DistributedSampler's permutation; further passes (`min_draws`) have their own permutations and seeds."""
         seeds = augmentation_seeds(self.seed, self.epoch, len(self.dataset))
-        return [(index, int(seeds[index])) for index in super().__iter__()]
+        if self.min_draws <= len(self.dataset):
+            return [(index, int(seeds[index])) for index in super().__iter__()]
+        size = len(self.dataset)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler's shuffle
+        order = [(index, int(seeds[index])) for index in torch.randperm(size, generator=generator).tolist()]
+        passes = math.ceil(self.total_size / size)
+        for again in range(1, passes):
+            state = np.random.SeedSequence([self.seed, self.epoch, again]).generate_state(2, np.uint64)
+            generator.manual_seed(int(state[0]))
+            more = np.random.SeedSequence([self.seed, self.epoch, again, 1]).generate_state(size, np.uint64)
+            order += [(index, int(more[index])) for index in torch.randperm(size, generator=generator).tolist()]
+        return order[: self.total_size][self.rank :: self.num_replicas]
 
 
 class BalancedSampler(SeededSampler):
@@ -64,8 +83,16 @@ class BalancedSampler(SeededSampler):
     class is equally likely, from a generator seeded by (seed, epoch); rank r takes every r-th draw, and each
     draw has its own augmentation seed (an image drawn twice is augmented twice, differently)."""
 
-    def __init__(self, dataset: Dataset, labels: Sequence[int], num_replicas: int = 1, rank: int = 0, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+    def __init__(
+        self,
+        dataset: Dataset,
+        labels: Sequence[int],
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        min_draws: int = 0,
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed, min_draws=min_draws)
         labels = torch.as_tensor(labels)
         self.weights = 1.0 / torch.bincount(labels).double()[labels]
 
