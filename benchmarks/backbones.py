@@ -29,7 +29,7 @@ import lightning as L
 from matplotlib.figure import Figure
 
 from benchmarks._common import DATASETS, QUIET, ROOT, StepClock, benchmark_parser, fit, machine, table
-from finetune.builders import compose_config
+from finetune.config import compose_config
 from finetune.report import _mean_and_std, _mean_std
 
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import throughput
-from finetune.builders import compose_config
+from finetune.config import compose_config
 from finetune.validation import validate
 
 

@@ -23,7 +23,7 @@ import psutil
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks._common import QUIET, add_run_arguments, benchmark_parser, fit, machine, run_overrides, table
-from finetune.builders import compose_config
+from finetune.config import compose_config
 
 MB = 2**20
 

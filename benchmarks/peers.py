@@ -70,7 +70,7 @@ class FitClock(Callback):
 
 
 def run_ours(data: Dataset, seed: int, epochs: int, model: list[str], overrides: list[str]) -> dict[str, float]:
-    from finetune.builders import compose_config
+    from finetune.config import compose_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(

@@ -38,7 +38,7 @@ from benchmarks._common import (
     median,
     table,
 )
-from finetune.builders import compose_config
+from finetune.config import compose_config
 
 VARIANTS = {
     "defaults": [],  # fp32, channels-last, 2 persistent workers

@@ -24,7 +24,8 @@ from typing import Any
 from benchmarks._common import DATASETS, QUIET, benchmark_parser, machine, table
 from benchmarks.backbones import NO_CHECKPOINTS, TINY, TINY_DATA, run
 from benchmarks.strategies import cifar10_subset
-from finetune.builders import build, compose_config
+from finetune.builders import build
+from finetune.config import compose_config
 from finetune.report import _mean_std
 
 DATASET_NAMES = ["seefood512-128", "seefood512-224", "cifar10-128"]

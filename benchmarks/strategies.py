@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks._common import DATASETS, ROOT, benchmark_parser
-from finetune.builders import compose_config
+from finetune.config import compose_config
 
 STRATEGIES = "scratch,freeze,finetune,freeze_unfreeze,gradual,llrd"
 

@@ -56,7 +56,8 @@ from benchmarks._common import (
     median,
     table,
 )
-from finetune.builders import build, compose_config
+from finetune.builders import build
+from finetune.config import compose_config
 
 # Each side, in the order they are listed: the model's own speed, then the loops with the data path
 VARIANTS = {

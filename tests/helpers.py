@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
-from finetune.builders import PROJECT_ROOT, compose_config
+from finetune.config import PROJECT_ROOT, compose_config
 from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
 # Small, fast, offline: 32 px, batch 8, one epoch on the CPU, no workers (conf/debug/tiny.yaml); with d2l's plain

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import open_dict
 
-from finetune.builders import compose_config, instantiate_loggers
+from finetune.builders import instantiate_loggers
+from finetune.config import compose_config
 from finetune.loggers import close
 
 root, logger, job, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

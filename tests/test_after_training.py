@@ -17,8 +17,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from finetune import builders, export
-from finetune.builders import CONFIG_DIR, PROJECT_ROOT, rebuild
+from finetune.builders import rebuild
 from finetune.checkpoint import RUN_SETTINGS
+from finetune.config import CONFIG_DIR, PROJECT_ROOT
 from finetune.eval import evaluate
 from finetune.export import export_checkpoint, read_sidecar
 from finetune.models.module import FineTuneModule

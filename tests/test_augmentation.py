@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.builders import PROJECT_ROOT
+from finetune.config import PROJECT_ROOT
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import BalancedSampler, SeededSampler
 from finetune.data.transforms import train_transform

@@ -15,7 +15,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from finetune.builders import PROJECT_ROOT, build
+from finetune.builders import build
+from finetune.config import PROJECT_ROOT
 from finetune.data.images import read_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, MissingFileError

@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from finetune.train import CONFIG_DIR
+from finetune.config import CONFIG_DIR
 from tests.helpers import compose_train
 
 GROUPS = [

@@ -19,8 +19,9 @@ from lightning.pytorch.callbacks import Callback
 
 import finetune.checkpoint
 from finetune.checkpoint import AtomicCheckpointIO
+from finetune.config import PROJECT_ROOT
 from finetune.errors import DiskFullError, UserError
-from finetune.train import PROJECT_ROOT, train
+from finetune.train import train
 from tests.helpers import TINY, compose_train
 
 # Saves a checkpoint, then dies by SIGKILL half-way through writing the next one to the same path.

@@ -17,8 +17,9 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.builders import CONFIG_DIR, build, build_fit_trainer
+from finetune.builders import build, build_fit_trainer
 from finetune.caching import CachedFeatures
+from finetune.config import CONFIG_DIR
 from finetune.train import train
 from tests.helpers import compose_train
 

@@ -13,12 +13,12 @@ from PIL import Image
 from torch import nn
 
 from finetune import export
+from finetune.config import PROJECT_ROOT
 from finetune.data.images import IMAGE_EXTENSIONS, read_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
 from finetune.models.backbones import timm_backbone, timm_input_config
-from finetune.train import PROJECT_ROOT
 from tests.helpers import tiny_classifier, tiny_meta
 
 HOTDOG_TEST = PROJECT_ROOT.parent / "shared" / "datasets" / "hotdog64" / "test"

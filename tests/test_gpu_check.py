@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import throughput
-from finetune.train import PROJECT_ROOT
+from finetune.config import PROJECT_ROOT
 from tests.helpers import readme_commands
 
 BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"

@@ -180,7 +180,7 @@ def test_throughput_benchmark_runs(image_folder):
 def test_throughput_fit_trains_every_weight_as_the_plain_loop(tmp_path):
     """The default recipe trains the head alone in its first epoch; the plain loop trains everything."""
     from benchmarks import throughput
-    from finetune.builders import compose_config
+    from finetune.config import compose_config
 
     cfg = compose_config(throughput.overrides(tmp_path, "tiny", 32, 4, 3, []), tmp_path)
     assert cfg.strategy.trainable == "all" and not cfg.strategy.unfreeze_at

@@ -11,7 +11,7 @@ import torch
 from nbclient import NotebookClient
 
 from finetune import report
-from finetune.train import PROJECT_ROOT
+from finetune.config import PROJECT_ROOT
 
 
 def printed_test_accuracy(output: str) -> dict[str, float]:

@@ -16,13 +16,14 @@ import torch
 from omegaconf import open_dict
 
 from finetune.checkpoint import resolve_ckpt_path
+from finetune.config import PROJECT_ROOT
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.data.store import CropSample, DeviceAugment
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
 from finetune.run_status import read_status
-from finetune.train import PROJECT_ROOT, train
+from finetune.train import train
 from tests.helpers import TINY, compose_train, make_image_folder, run_cli
 
 STEPS_PER_EPOCH = 6  # 2 classes x 24 images, batch 8

@@ -13,8 +13,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.checkpoint import resolve_ckpt_path
+from finetune.config import PROJECT_ROOT
 from finetune.run_dirs import unique_dir
-from finetune.train import PROJECT_ROOT
 from tests.helpers import TINY, event_dir, run_cli
 
 # A machine busy with other work: TensorBoard's writer thread lags behind, so whatever a process leaves to that

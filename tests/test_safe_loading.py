@@ -7,10 +7,11 @@ import torch
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
+from finetune.config import CONFIG_DIR
 from finetune.errors import ConfigError, DownloadError
 from finetune.eval import evaluate
 from finetune.models.backbones import torchvision_backbone
-from finetune.train import CONFIG_DIR, build, train
+from finetune.train import build, train
 from tests.helpers import TINY, compose_train
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from finetune.builders import PROJECT_ROOT, build_datamodule
+from finetune.builders import build_datamodule
+from finetune.config import PROJECT_ROOT
 from finetune.models.module import FineTuneModule
 from finetune.train import train
 from tests.helpers import TINY, compose_train, run_cli

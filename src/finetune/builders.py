@@ -8,20 +8,17 @@ to make each piece (as lightning-hydra-template's `instantiate_callbacks` / `ins
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
+from hydra import compose
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import RUN_SETTINGS, RunSettings
 from finetune.data.datamodule import ImageFolderDataModule
@@ -29,22 +26,9 @@ from finetune.errors import ConfigError, MissingFileError, MissingPackageError, 
 from finetune.finetuning import StageUnfreezing
 from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
+from finetune.settings import plain, run_settings
 
 log = logging.getLogger(__name__)
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = str(PROJECT_ROOT / "conf")
-# The settings that make a run what it is: stored in its checkpoints, and logged for TensorBoard's HPARAMS tab.
-SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler", "loss")
-
-
-def plain(config: Any) -> Any:
-    """A config node as plain Python containers, resolved (what checkpoints store and modules are given)."""
-    return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else config
-
-
-def run_settings(cfg: DictConfig) -> dict[str, Any]:
-    return {key: plain(cfg.get(key)) for key in SETTINGS}
 
 
 def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
@@ -143,21 +127,6 @@ def build_fit_trainer(cfg: DictConfig, *extra_callbacks: Callback) -> L.Trainer:
         *extra_callbacks,
     ]
     return build_trainer(cfg.trainer, callbacks, instantiate_loggers(cfg.get("logger")))
-
-
-def compose_config(overrides: Sequence[str], root: str | os.PathLike, task: str = "train") -> DictConfig:
-    """The config exactly as `python <task>.py <overrides>` composes it, with data and logs under `root` and
-    the run's output in `root/run` (for the tests and benchmarks, which build runs without Hydra's launcher)."""
-    from finetune.run_dirs import register_resolvers  # it imports this module (run names name settings)
-
-    register_resolvers()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(task, overrides=[f"paths.root_dir={root}", *overrides], return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(Path(root) / "run")
-    return cfg
 
 
 # Overrides of older runs whose keys have moved since, as the current configs spell them.

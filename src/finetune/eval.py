@@ -15,11 +15,11 @@ from torch.utils.tensorboard import SummaryWriter
 from finetune.analysis import check_tta, fit_temperature, tta_logits, write_report
 from finetune.builders import rebuild
 from finetune.checkpoint import AtomicCheckpointIO
+from finetune.config import CONFIG_DIR
 from finetune.errors import MissingFileError, exit_on_user_error
 from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
 from finetune.predict import default_device
-from finetune.train import CONFIG_DIR
 from finetune.validation import missing_values, validate
 
 

@@ -46,11 +46,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from finetune.builders import rebuild
+from finetune.config import CONFIG_DIR
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, MissingFileError, UserError, exit_on_user_error
 from finetune.models.backbones import InputConfig
-from finetune.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 

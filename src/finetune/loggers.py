@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from finetune.builders import SETTINGS, plain
+from finetune.settings import SETTINGS, plain
 
 # Parts of a key that never tell runs apart: how objects are built (`_target_`; the group's choice says it), how
 # data is loaded, where files are, the loggers themselves. Left out of HPARAMS, the trackers' params, run names.

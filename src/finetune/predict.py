@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from finetune.analysis import check_tta, softmax_probs
 from finetune.builders import rebuild
+from finetune.config import CONFIG_DIR
 from finetune.data.images import IMAGE_EXTENSIONS, ImageReadError, read_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import MissingFileError, exit_on_user_error
-from finetune.train import CONFIG_DIR
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Item = tuple[str, torch.Tensor | None, str]  # path, image (None if unreadable), error ("" if none)

@@ -3,24 +3,14 @@
 Two runs started in the same second (a shell loop, two terminals, a job array) would otherwise get the
 same timestamped folder and mix their checkpoints and event files. The folder is created here with
 `mkdir`, which succeeds for exactly one process; the others take the next free suffix (`_1`, `_2`, ...).
-Registered with `use_cache=True` (`register_resolvers`): Hydra copies that cache into every job of a sweep, so a
-run asks once.
+Registered with `use_cache=True` (`finetune.config.register_resolvers`): Hydra copies that cache into every job
+of a sweep, so a run asks once.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from omegaconf import OmegaConf
-
-from finetune.loggers import overrides_name
-
-
-def register_resolvers() -> None:
-    """The resolvers conf/ uses: `${unique_dir:}` (run folders) and `${overrides_name:}` (run names, `run_name`)."""
-    OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
-    OmegaConf.register_new_resolver("overrides_name", overrides_name, replace=True)
 
 
 def unique_dir(path: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import sys
 import time
@@ -20,17 +19,14 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from finetune.builders import CONFIG_DIR, PROJECT_ROOT, build, build_fit_trainer
+from finetune.builders import build, build_fit_trainer
 from finetune.callbacks import ErrorAnalysis
 from finetune.checkpoint import check_resumable, resolve_ckpt_path
+from finetune.config import CONFIG_DIR
 from finetune.errors import UserError
 from finetune.loggers import close, hparams, log_hparams_tab, varied_keys
-from finetune.run_dirs import register_resolvers
 from finetune.run_status import interruption, recorded, resume_hint
 from finetune.validation import validate
-
-os.environ.setdefault("FINETUNE_ROOT", str(PROJECT_ROOT))
-register_resolvers()
 
 log = logging.getLogger(__name__)
 # Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
