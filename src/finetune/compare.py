@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from finetune.builders import build
-from finetune.comparison import JOBS_DIR, PLAN_FILE, REPORT_FILE, Job, shots_label, write_comparison
+from finetune.comparison import JOBS_DIR, PLAN_FILE, REPORT_FILE, Job, write_comparison
 from finetune.config import CONFIG_DIR, PROJECT_ROOT, compose_config, register_resolvers
 from finetune.errors import ConfigError, UserError
 from finetune.run_status import read_status
@@ -120,22 +120,16 @@ def shots(cfg: DictConfig) -> list[int | None]:
 
 
 def plan(cfg: DictConfig) -> list[Job]:
-    """Every job: settings x seeds x shots, named `<setting>-seed<s>[-shots<K>]`."""
+    """Every job: settings x seeds x shots, named `<setting>-seed<s>` on all images, `<setting>-seed<s>-shots<K>`
+    on K per class (so adding seeds, settings or shots later keeps the names, and the runs, of the others)."""
     raced, seed_list, shot_list = settings(cfg), seeds(cfg), shots(cfg)
     jobs = []
     for k in shot_list:
         for seed in seed_list:
             for name, overrides in raced.items():
-                suffix = "" if shot_list == [None] else f"-shots{shots_label(k)}"
-                jobs.append(
-                    Job(
-                        f"{name}-seed{seed}{suffix}",
-                        name,
-                        seed,
-                        k,
-                        [*overrides, f"seed={seed}"] + ([f"data.shots={k}"] if k is not None else []),
-                    )
-                )
+                few = [f"data.shots={k}"] if k is not None else []
+                suffix = f"-shots{k}" if k is not None else ""
+                jobs.append(Job(f"{name}-seed{seed}{suffix}", name, seed, k, [*overrides, f"seed={seed}", *few]))
     return jobs
 
 

@@ -170,7 +170,8 @@ def compare(acc: Mapping[str, Mapping[int, float]], f1: Mapping[str, Mapping[int
     rows = []
     for name, by_seed in acc.items():
         mean, half = mean_ci([by_seed[s] for s in seeds]) if by_seed else (math.nan, math.nan)
-        f1_mean, f1_half = mean_ci([f1[name][s] for s in seeds]) if f1 and name in f1 else (math.nan, math.nan)
+        scored = by_seed and f1 and f1.get(name)
+        f1_mean, f1_half = mean_ci([f1[name][s] for s in seeds]) if scored else (math.nan, math.nan)
         rows.append(Row(name, seeds, mean, half, f1_mean, f1_half, rank=ranks[name]))
     rows.sort(key=lambda row: -row.mean if not math.isnan(row.mean) else math.inf)
     if not rows or not seeds:
@@ -209,7 +210,7 @@ def _points(value: float) -> str:
 def _p(value: float) -> str:
     if math.isnan(value):
         return "-"
-    return "< 0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
+    return "< 0.001" if value < 0.001 else f"{value:.2g}"
 
 
 def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = None) -> str:

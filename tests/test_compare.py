@@ -1,0 +1,169 @@
+"""compare.py (issue 25): the paired statistics against values worked out by hand, nested few-shot subsets, the
+step budget, pairing across settings of a seed, and the command as README types it (rerun, killed and failed
+jobs). The t distribution with 2 degrees of freedom (3 seeds) has a closed form, which the hand values use:
+two-sided p = 1 - |t| / sqrt(t^2 + 2), and its 97.5 % quantile is 4.3027."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from finetune.builders import build_datamodule
+from finetune.comparison import compare, holm, recommendation
+from finetune.data.datamodule import ImageFolderDataModule, few_shot
+from finetune.data.sampling import SeededSampler
+from finetune.models.backbones import InputConfig
+from tests.helpers import TINY, compose_train, doc_commands, make_image_folder, run_cli
+
+T_975_DF2 = 4.302653
+
+
+def p_df2(t: float) -> float:
+    return 1 - abs(t) / math.sqrt(t * t + 2)
+
+
+# Test accuracies by setting and seed: `a` leads, `b` is 3 points worse with little spread, `c` is within noise
+TABLE = {
+    "a": {1: 0.80, 2: 0.82, 3: 0.81},
+    "b": {1: 0.77, 2: 0.795, 3: 0.775},  # differences -0.03, -0.025, -0.035
+    "c": {1: 0.81, 2: 0.80, 3: 0.815},  # differences +0.01, -0.02, +0.005
+}
+
+
+def test_paired_statistics_by_hand():
+    result = compare(TABLE)
+    assert [row.setting for row in result.rows] == ["a", "c", "b"]
+    a, c, b = result.rows
+    assert a.best and a.mean == pytest.approx(0.81) and a.half == pytest.approx(T_975_DF2 * 0.01 / math.sqrt(3))
+    # b: mean difference -0.03, sd 0.005: t = -0.03 / (0.005 / sqrt 3)
+    t_b = -0.03 / (0.005 / math.sqrt(3))
+    assert b.diff == pytest.approx(-0.03) and b.diff_half == pytest.approx(T_975_DF2 * 0.005 / math.sqrt(3))
+    assert b.p == pytest.approx(p_df2(t_b), rel=1e-6)  # 0.0091: a known lead with small spread
+    # c: differences +0.01, -0.02, +0.005: mean -1/600, sd sqrt(((0.07/6)^2 + (0.11/6)^2 + (0.04/6)^2) / 2)
+    sd_c = math.sqrt(((0.07 / 6) ** 2 + (0.11 / 6) ** 2 + (0.04 / 6) ** 2) / 2)
+    t_c = (-1 / 600) / (sd_c / math.sqrt(3))
+    assert c.diff == pytest.approx(-1 / 600) and c.p == pytest.approx(p_df2(t_c), rel=1e-6)  # 0.87: within noise
+    # Holm over the two comparisons: the smaller p x 2, the larger x 1 (never below the one before)
+    assert b.p_holm == pytest.approx(2 * b.p) and c.p_holm == pytest.approx(max(2 * b.p, c.p))
+    assert b.significant and not c.significant
+    assert (a.rank, c.rank, b.rank) == (pytest.approx(5 / 3), pytest.approx(4 / 3), 3.0)  # c beats a on seeds 1, 3
+
+
+def test_holm_turns_a_borderline_p():
+    # d and e: differences (-0.02, -0.03, -0.04) and (-0.03, -0.02, -0.04): t = -0.03 / (0.01 / sqrt 3) each
+    table = {"a": TABLE["a"], "d": {1: 0.78, 2: 0.79, 3: 0.77}, "e": {1: 0.77, 2: 0.80, 3: 0.77}}
+    result = compare(table)
+    raw = p_df2(-0.03 / (0.01 / math.sqrt(3)))  # 0.035: below 0.05 alone
+    for row in result.rows[1:]:
+        assert row.p == pytest.approx(raw, rel=1e-6) and row.p < 0.05
+        assert row.p_holm == pytest.approx(2 * raw, rel=1e-6) and not row.significant  # 0.070 for two comparisons
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.2, math.nan]) == pytest.approx([0.2, math.nan], nan_ok=True)
+
+
+def test_recommendation_sentence():
+    text = recommendation(compare(TABLE), cost={"a": 100.0, "b": 50.0, "c": 40.0})
+    assert text.startswith(
+        "`a` is best (test accuracy 0.810 ± 0.025 over 3 seeds); `c` is within noise of it (-0.2 ± 4.0 points, "
+        "p = 0.87); `b` is 3.0 ± 1.2 points worse (p = 0.018)."
+    ), text
+    assert "With 3 seeds, `c` cannot be told apart from `a`: more seeds would be needed to decide" in text
+    assert "`c` fits in 40% of the time" in text
+    clear = recommendation(compare({"a": TABLE["a"], "b": TABLE["b"]}))
+    assert clear.endswith("Every other setting is worse beyond the seed-to-seed noise: use `a`.")
+    one_seed = recommendation(compare({"a": {1: 0.8}, "b": {1: 0.7}}))
+    assert "one seed gives no confidence interval" in one_seed
+
+
+def test_statistics_use_the_seeds_every_setting_completed():
+    table = {"a": dict(TABLE["a"]), "b": {1: 0.77, 2: 0.795}, "c": {}}  # b's seed 3 failed, c never ran
+    result = compare(table, f1=table)
+    assert result.seeds == [1, 2] and result.dropped == {"a": [3]}
+    assert [row.setting for row in result.rows] == ["a", "b", "c"] and math.isnan(result.rows[-1].mean)
+
+
+def test_few_shot_subsets_are_nested_and_validation_stays(tmp_path: Path):
+    folder = make_image_folder(tmp_path, classes=("blue", "red", "green"), train=20, test=2)
+    splits = {}
+    for shots in (None, 5, 10):
+        data = ImageFolderDataModule(InputConfig(32), folder, val_fraction=0.2, num_workers=0, shots=shots, seed=1)
+        data.setup()
+        splits[shots] = (data.datasets["train"].indices, data.datasets["val"].indices, data.class_counts())
+    (all_train, val, _), (five, val5, counts5), (ten, val10, counts10) = splits[None], splits[5], splits[10]
+    assert val == val5 == val10  # the validation split does not change with K
+    assert set(five) < set(ten) < set(all_train) and not set(ten) & set(val)
+    assert counts5 == [5, 5, 5] and counts10 == [10, 10, 10]
+    labels = [i % 3 for i in range(60)]
+    assert few_shot(labels, 5, seed=1) != few_shot(labels, 5, seed=2)  # seeded
+    assert sorted(few_shot([0, 0, 1], 2, seed=1)) == [0, 1, 2]  # a class with fewer: all of it
+
+
+def test_step_budget_holds_on_small_data():
+    sampler = SeededSampler(list(range(10)), seed=3, min_draws=25)
+    plain = SeededSampler(list(range(10)), seed=3)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        draws = sampler.draws()
+        assert len(draws) == len(sampler) == 25
+        assert draws[:10] == plain.draws()  # the first pass is the plain epoch
+        assert sorted(index for index, _ in draws[10:20]) == list(range(10))  # then whole passes, reshuffled
+        assert len({seed for _, seed in draws}) == 25  # each draw its own augmentation
+    ranks = [SeededSampler(list(range(10)), 2, rank, seed=3, min_draws=25).draws() for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 13
+
+
+def test_settings_of_a_seed_see_the_same_data(tmp_path: Path, image_folder: Path):
+    """What pairs the runs: for one seed, freeze and finetune get the same split, subset and batches."""
+    seen = []
+    for strategy in ("freeze", "finetune"):
+        overrides = [*TINY, "data=imagefolder", f"data.root={image_folder}", f"strategy={strategy}", "seed=4"]
+        data = build_datamodule(compose_train(tmp_path, [*overrides, "data.shots=4", "data.num_workers=0"]))
+        data.setup()
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(1)
+        seen.append((data.datasets["train"].indices, data.datasets["val"].indices, loader.sampler.draws()))
+    assert seen[0] == seen[1]
+
+
+def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_thread):
+    """The README command on a tiny folder: a comparison; the same command again runs nothing; a job killed
+    mid-way runs again, a failing setting is listed; few-shot points add a learning curve."""
+    (command,) = [
+        line for line in doc_commands("README.md", "## Compare strategies on your data") if "compare.py" in line
+    ]
+    args = command.split()[1:]  # python compare.py ... as typed
+    args = [f"data.root={image_folder}" if a.startswith("data.root=") else a for a in args]
+    tiny = [*TINY[:1], "optimizer=sgd", "scheduler=none", "strategy.pretrained=false", "trainer.max_epochs=1"]
+    quick = ["compare.strategies=[freeze,finetune]", "compare.seeds=2"]
+    first = run_cli([*args, *tiny, *quick], tmp_path)
+    assert first.returncode == 0, first.output
+    assert "[compare] 4 jobs (2 settings x 2 seeds)" in first.output and "estimate: at most" in first.output
+    assert "[compare] 4 done, 0 failed, 0 left of 4" in first.output
+    (folder,) = (tmp_path / "logs" / "compare").iterdir()
+    report = (folder / "compare.md").read_text()
+    assert "vs best (points, 95% CI)" in report and "is best (test accuracy" in first.output
+    assert (folder / "differences.png").is_file()
+    stamps = {p: p.stat().st_mtime for p in folder.glob("jobs/*/status.json")}
+    assert len(stamps) == 4
+
+    again = run_cli([*args, *tiny, *quick], tmp_path)
+    assert again.returncode == 0, again.output
+    assert "4 completed already, 0 to run" in again.output
+    assert {p: p.stat().st_mtime for p in folder.glob("jobs/*/status.json")} == stamps
+
+    (folder / "jobs" / "finetune-seed1" / "status.json").unlink()  # killed mid-way: no status written
+    bad = 'compare.settings={bad: ["strategy=finetune", "data.batch_size=64", "data.drop_last=true"]}'
+    more = [*args, *tiny, "compare.strategies=[finetune]", "compare.seeds=[1]", "compare.shots=[3,all]"]
+    third = run_cli([*more, bad, "compare.estimate=false"], tmp_path)
+    assert third.returncode == 0, third.output
+    assert "4 jobs (2 settings x 1 seeds x 2 shots)" in third.output and "0 completed already, 4 to run" in third.output
+    assert list((folder / ".incomplete").iterdir())[0].name.startswith("finetune-seed1-")
+    assert json.loads((folder / "jobs" / "finetune-seed1" / "status.json").read_text())["status"] == "completed"
+    report = (folder / "compare.md").read_text()
+    assert "- bad-seed1: failed: ConfigError" in report and "- bad-seed1-shots3: failed" in report
+    assert (folder / "learning_curve.png").is_file() and "## shots=3" in report
+    assert "6 images, 1 epochs" in report  # the 3-shot budget: 3 images per class of 2
