@@ -129,16 +129,20 @@ def test_settings_of_a_seed_see_the_same_data(tmp_path: Path, image_folder: Path
     assert seen[0] == seen[1]
 
 
-def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_thread):
-    """The README command on a tiny folder: a comparison; the same command again runs nothing; a job killed
-    mid-way runs again, a failing setting is listed; few-shot points add a learning curve."""
-    (command,) = [
-        line for line in doc_commands("README.md", "## Compare strategies on your data") if "compare.py" in line
-    ]
+def readme_command(image_folder: Path) -> list[str]:
+    """README's compare.py command on the tiny folder, with the tiny recipe (random init, one epoch)."""
+    lines = doc_commands("README.md", "## Compare strategies on your data")
+    (command,) = [line for line in lines if "compare.py" in line]
     args = command.split()[1:]  # python compare.py ... as typed
     args = [f"data.root={image_folder}" if a.startswith("data.root=") else a for a in args]
-    tiny = [*TINY[:1], "optimizer=sgd", "scheduler=none", "strategy.pretrained=false", "trainer.max_epochs=1"]
-    quick = ["compare.strategies=[freeze,finetune]", "compare.seeds=2"]
+    return [*args, *TINY[:1], "optimizer=sgd", "scheduler=none", "strategy.pretrained=false", "trainer.max_epochs=1"]
+
+
+def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_thread):
+    """The README command on a tiny folder: a comparison with its estimate and progress line; the same command
+    again runs no job."""
+    args, tiny = readme_command(image_folder), []
+    quick = ["compare.strategies=[freeze,finetune]", "compare.seeds=2", "compare.poll_s=0.5"]
     first = run_cli([*args, *tiny, *quick], tmp_path)
     assert first.returncode == 0, first.output
     assert "[compare] 4 jobs (2 settings x 2 seeds)" in first.output and "estimate: at most" in first.output
@@ -155,9 +159,18 @@ def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_
     assert "4 completed already, 0 to run" in again.output
     assert {p: p.stat().st_mtime for p in folder.glob("jobs/*/status.json")} == stamps
 
+
+@pytest.mark.slow
+def test_compare_cli_reruns_a_killed_job_and_lists_a_failed_one(tmp_path: Path, image_folder: Path, one_thread):
+    """End to end (test_rerun_plan_and_report_of_fake_runs checks the same without training): a job killed mid-way runs again, a failing
+    setting is listed, few-shot points add a learning curve and their budget."""
+    args = readme_command(image_folder)
+    first = run_cli([*args, "compare.strategies=[finetune]", "compare.seeds=[1]", "compare.estimate=false"], tmp_path)
+    assert first.returncode == 0, first.output
+    (folder,) = (tmp_path / "logs" / "compare").iterdir()
     (folder / "jobs" / "finetune-seed1" / "status.json").unlink()  # killed mid-way: no status written
     bad = 'compare.settings={bad: ["strategy=finetune", "data.batch_size=64", "data.drop_last=true"]}'
-    more = [*args, *tiny, "compare.strategies=[finetune]", "compare.seeds=[1]", "compare.shots=[3,all]"]
+    more = [*args, "compare.strategies=[finetune]", "compare.seeds=[1]", "compare.shots=[3,all]"]
     third = run_cli([*more, bad, "compare.estimate=false"], tmp_path)
     assert third.returncode == 0, third.output
     assert "4 jobs (2 settings x 1 seeds x 2 shots)" in third.output and "0 completed already, 4 to run" in third.output
@@ -167,3 +180,54 @@ def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_
     assert "- bad-seed1: failed: ConfigError" in report and "- bad-seed1-shots3: failed" in report
     assert (folder / "learning_curve.png").is_file() and "## shots=3" in report
     assert "6 images, 1 epochs" in report  # the 3-shot budget: 3 images per class of 2
+
+
+def fake_run(run_dir: Path, status: str | None, acc: float = math.nan, steps: int = 40) -> None:
+    """A job folder as train.py leaves it: overrides, status.json (None: killed before writing it), test events."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- +compare_job=x\n")
+    if status is not None:
+        record = {"status": status, "fit_time_s": 10.0, "steps": steps, "epochs": 5, "train_images": 8}
+        (run_dir / "status.json").write_text(json.dumps(record))
+    if not math.isnan(acc):
+        with SummaryWriter(run_dir / "tensorboard" / "x") as writer:
+            writer.add_scalar("test/acc", acc, steps)
+            writer.add_scalar("test/macro_f1", acc - 0.1, steps)
+
+
+def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
+    """Which jobs run again (killed, failed, changed), and compare.md from the runs' event files: failed jobs
+    listed, the learning curve, each point's budget."""
+    from finetune.compare import pending
+    from finetune.comparison import Job, write_comparison
+
+    jobs = [
+        Job(f"{s}-seed{seed}{'' if k is None else f'-shots{k}'}", s, seed, k, [f"strategy={s}", f"seed={seed}"])
+        for k in (2, None)
+        for seed in (1, 2, 3)
+        for s in ("a", "b")
+    ]
+    accs = {"a": [0.80, 0.82, 0.81], "b": [0.77, 0.795, 0.775]}
+    for job in jobs:
+        acc = accs[job.setting][job.seed - 1] - (0.1 if job.shots else 0)
+        fake_run(tmp_path / "jobs" / job.name, "completed", acc, steps=20 if job.shots else 40)
+    (tmp_path / "jobs" / "a-seed3" / "status.json").unlink()  # killed mid-way
+    (tmp_path / "jobs" / "b-seed2" / "status.json").write_text('{"status": "failed", "error": "ValueError: boom"}')
+    plan = {"command": "python compare.py ...", "classes": 2, "jobs": [job.to_dict() for job in jobs]}
+    (tmp_path / "jobs.json").write_text(json.dumps(plan))
+    text = write_comparison(tmp_path)
+    report = (tmp_path / "compare.md").read_text()
+    assert "- a-seed3: unfinished" in report and "- b-seed2: failed: ValueError: boom" in report
+    assert "(1 seeds: [1])" in report  # the statistics use the seeds every setting completed
+    assert "`a` has the highest test accuracy (0.800)" in text
+    assert "## shots=2 (3 seeds)" in report and "`a` is best (test accuracy 0.710 ± 0.025 over 3 seeds)" in report
+    assert "8 images, 5 epochs, 20 steps" in report and (tmp_path / "learning_curve.png").is_file()
+
+    changed = [
+        job if job.name != "b-seed1" else Job(job.name, "b", 1, None, ["strategy=b", "optimizer=sgd"]) for job in jobs
+    ]
+    again = pending(tmp_path, changed)
+    assert sorted(job.name for job in again) == ["a-seed3", "b-seed1", "b-seed2"]
+    assert not (tmp_path / "jobs" / "a-seed3").exists() and len(list((tmp_path / ".incomplete").iterdir())) == 3
