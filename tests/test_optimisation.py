@@ -178,13 +178,13 @@ def by_hand(logits, labels, weight, smoothing):
 def test_loss_is_weighted_smoothed_cross_entropy_also_on_soft_targets(tmp_path, image_folder):
     _, model = tiny_model(tmp_path, image_folder, "loss.label_smoothing=0.2", "loss.class_weights=[1.0,3.0]")
     weight = torch.tensor([1.0, 3.0])
-    torch.testing.assert_close(model.class_weights, weight)
+    torch.testing.assert_close(model.criterion.class_weights, weight)
     logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 1, 0, 1, 1])
     soft = torch.tensor([[0.7, 0.3], [0.2, 0.8], [0.5, 0.5], [1.0, 0.0], [0.1, 0.9], [0.4, 0.6]])  # MixUp-like
     for targets in (labels, soft):
         expected = by_hand(logits, targets, weight, 0.2)
-        torch.testing.assert_close(model.loss(logits, targets), expected)
+        torch.testing.assert_close(model.criterion(logits, targets), expected)
         torch.testing.assert_close(
             expected, F.cross_entropy(logits, targets, weight=weight, label_smoothing=0.2), rtol=1e-6, atol=1e-7
         )
@@ -196,8 +196,8 @@ def test_loss_is_weighted_smoothed_cross_entropy_also_on_soft_targets(tmp_path, 
 def test_default_loss_is_plain_cross_entropy(tmp_path, image_folder):
     _, model = tiny_model(tmp_path, image_folder)
     logits, labels = torch.randn(5, 2), torch.tensor([0, 1, 1, 0, 1])
-    assert model.class_weights is None and model.label_smoothing == 0.0
-    torch.testing.assert_close(model.loss(logits, labels), F.cross_entropy(logits, labels))
+    assert model.criterion.class_weights is None and model.criterion.label_smoothing == 0.0
+    torch.testing.assert_close(model.criterion(logits, labels), F.cross_entropy(logits, labels))
 
 
 def test_balanced_class_weights_from_a_skewed_training_split(tmp_path):
@@ -209,7 +209,7 @@ def test_balanced_class_weights_from_a_skewed_training_split(tmp_path):
     datamodule, model = tiny_model(tmp_path, images, "data.val_fraction=0", "loss.class_weights=balanced")
     assert datamodule.class_counts() == [12, 4, 6]
     expected = [22 / (3 * 12), 22 / (3 * 4), 22 / (3 * 6)]  # n_samples / (n_classes * count_c)
-    torch.testing.assert_close(model.class_weights, torch.tensor(expected))
+    torch.testing.assert_close(model.criterion.class_weights, torch.tensor(expected))
     with pytest.raises(ConfigError, match=r"loss.class_weights=\[1.0, 2.0\] must be null, balanced or a list of 3"):
         tiny_model(tmp_path, images, "loss.class_weights=[1.0,2.0]")
 

@@ -25,7 +25,7 @@ from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import ConfigError, MissingFileError, MissingPackageError, instantiate_unwrapped
 from finetune.finetuning import StageUnfreezing
 from finetune.models.backbones import load_checkpoint_file
-from finetune.models.module import FineTuneModule
+from finetune.models.module import FineTuneModule, ModelOptions, StrategySettings
 from finetune.settings import plain, run_settings
 
 log = logging.getLogger(__name__)
@@ -61,21 +61,27 @@ def class_weights(loss: DictConfig, datamodule: ImageFolderDataModule) -> list[f
 
 
 def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneModule:
-    """The LightningModule for the data's classes and input; every argument a plain container (checkpointed).
+    """The LightningModule for the data's classes and input; its settings typed, or plain configs (checkpointed).
     Balanced class weights come from the data's class counts (data -> model, one way)."""
+    model, loss = cfg.model, plain(cfg.loss)
+    if "class_weights" in loss:  # the default loss's; another loss may take none
+        loss["class_weights"] = class_weights(cfg.loss, datamodule)
     return FineTuneModule(
-        backbone=plain(cfg.model.backbone),
+        backbone=plain(model.backbone),
         classes=datamodule.classes,
-        input_config=datamodule.input_config.to_dict(),
-        strategy=plain(cfg.strategy),
+        input_config=datamodule.input_config,
+        strategy=StrategySettings.from_dict(plain(cfg.strategy)),
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
-        sync_batchnorm=cfg.model.sync_batchnorm,
-        channels_last=cfg.model.channels_last,
-        compile=cfg.model.compile,
-        loss={"label_smoothing": cfg.loss.label_smoothing, "class_weights": class_weights(cfg.loss, datamodule)},
-        head_init=cfg.model.head_init,
-        head_init_map=plain(cfg.model.head_init_map),
+        loss=loss,
+        loss_terms=plain(cfg.loss_terms),
+        options=ModelOptions(
+            sync_batchnorm=model.sync_batchnorm,
+            channels_last=model.channels_last,
+            compile=model.compile,
+            head_init=model.head_init,
+            head_init_map=plain(model.head_init_map),
+        ),
     )
 
 

@@ -1,13 +1,24 @@
-"""The LightningModule: a pretrained backbone, a new linear head, named param groups."""
+"""The LightningModule: a backbone, a new linear head and their metrics; what a transfer method adds plugs in.
+
+The module holds the network and runs the steps. What a method changes is an object or function the config
+instantiates, so the module does not grow with the methods:
+- the loss of the logits (`loss`, `finetune.models.losses.CrossEntropy` by default) and extra loss terms
+  (`loss_terms`, each logged as `train/loss_<name>`), `finetune.models.losses`;
+- the rule that puts the parameters into named param groups with their lr multipliers (`strategy.param_groups`),
+  `finetune.models.param_groups`;
+- which stages train when (`finetune.finetuning.StageUnfreezing`) and steps after training (the feature cache,
+  weight averaging, the error analysis): callbacks, `callbacks` in conf/.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,76 +26,131 @@ from torchmetrics.classification import MulticlassAccuracy
 from finetune.errors import ConfigError, instantiate_unwrapped
 from finetune.models.backbones import InputConfig, load_checkpoint_file
 from finetune.models.head_init import init_head_from_source
+from finetune.models.losses import CrossEntropy, StepOutput
+from finetune.models.param_groups import LrMultipliers
+
+# The loss of checkpoints that stored its settings without a `_target_` (before losses were plug-ins)
+DEFAULT_LOSS = f"{CrossEntropy.__module__}.{CrossEntropy.__name__}"
 
 
-def decay_split(named_params: list[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decayed, not decayed) as timm's `param_groups_weight_decay`: biases and 1-D params (normalisation
-    weights) get no weight decay."""
-    decay = [p for n, p in named_params if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in named_params if p.ndim <= 1 or n.endswith(".bias")]
-    return decay, no_decay
+@dataclass(frozen=True)
+class StrategySettings(LrMultipliers):
+    """What the module takes of `strategy` (conf/strategy/_base.yaml): the lr multipliers, the rule that makes the
+    param groups of them (`param_groups`, a partial config), `pretrained`, and `bn`: `train`, or `eval` to keep
+    BatchNorm statistics fixed also in training stages. Which stages train when is the strategy callback's."""
+
+    pretrained: bool = True
+    bn: str = "train"  # checkpoints written before `bn` existed trained their BatchNorm statistics
+    param_groups: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "finetune.models.param_groups.stage_groups", "_partial_": True}
+    )
+
+    @classmethod
+    def from_dict(cls, strategy: Mapping[str, Any]) -> StrategySettings:
+        """From the strategy config, or a checkpoint's: its other keys (name, the unfreeze schedule) are not the
+        module's."""
+        return cls(**{f.name: strategy[f.name] for f in fields(cls) if f.name in strategy})
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The `model.*` switches the module applies (conf/model/_module.yaml): SyncBatchNorm under DDP, NHWC weights,
+    `torch.compile` of each stage, and the new head's init (`default`, or `source`: rows of the pretrained
+    classifier, `head_init_map` as in `finetune.models.head_init`)."""
+
+    sync_batchnorm: bool = False
+    channels_last: bool = True
+    compile: bool = False
+    head_init: str = "default"
+    head_init_map: dict[str, list[int]] | None = None
+
+
+def current_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `hyper_parameters` as this version names them: those written before the loss and the
+    param-group rule became plug-ins kept the model options beside the other settings and the loss settings
+    without their `_target_`."""
+    if "options" in settings:
+        return dict(settings)
+    loss = settings.get("loss")
+    return {
+        **settings,
+        "options": {f.name: settings[f.name] for f in fields(ModelOptions) if f.name in settings},
+        "loss": None if loss is None else {"_target_": DEFAULT_LOSS, **loss},
+        "loss_terms": {},
+    }
 
 
 class FineTuneModule(L.LightningModule):
     """Backbone + head; every parameter sits in the optimizer from the first step.
 
-    Every argument is a plain value or container (Hydra configs converted), saved as the checkpoint's
-    `hyper_parameters`: a checkpoint rebuilds its model alone (`from_checkpoint`), loading with
-    `weights_only=True`.
+    The settings are saved as the checkpoint's `hyper_parameters`, as plain values (dataclasses as dicts): a
+    checkpoint rebuilds its model alone (`from_checkpoint`), loading with `weights_only=True`.
 
     - `backbone`: the backbone's config (`_target_` a `finetune.models` factory, its name and weights);
-    - `classes`: the class names in label order; `input_config`: what the model expects of an image
-      (`InputConfig.to_dict`), kept for prediction and export;
-    - `strategy`: `pretrained`, and the lr multipliers of the groups: the head gets `head_lr_mult`, the
-      backbone `backbone_lr_mult` (and, with `group_by_stage`, stage k of K also `layer_decay ** (K - k)`);
-      `bn`: `train`, or `eval` to keep BatchNorm statistics fixed also in training stages.
-      Which stages actually train is decided by the strategy callback (frozen stages get no grad);
+    - `classes`: the class names in label order; `input_config`: what the model expects of an image, kept for
+      prediction and export;
+    - `strategy`: the lr multipliers, the param-group rule, `pretrained` and `bn` (`StrategySettings`);
     - `optimizer`, `scheduler`: partial configs (`_partial_: true`) that take the param groups / the optimizer;
       `optimizer.filter_bias_and_bn`: no weight decay on biases and 1-D params (groups `<name>_no_decay`);
       `scheduler.interval`: `epoch` (default) or `step` (then the schedule also takes `total_steps`);
-    - `loss`: `label_smoothing` and `class_weights` (a weight per class, or None) of the cross-entropy;
-    - `head_init`: `default` (Xavier) or `source` (rows of the pretrained classifier, `head_init_map`: see
-      `finetune.models.head_init`);
+    - `loss`: the config of the loss of the logits (None: plain cross-entropy); `loss_terms`: name -> the partial
+      config of an extra term, built with this module (`finetune.models.losses`);
+    - `options`: the `model.*` switches (`ModelOptions`);
     - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`).
     """
 
     def __init__(
         self,
         backbone: dict[str, Any],
-        classes: list[str],
-        input_config: dict[str, Any],
-        strategy: dict[str, Any],
+        classes: Sequence[str],
+        input_config: InputConfig,
+        strategy: StrategySettings,
         optimizer: dict[str, Any],
         scheduler: dict[str, Any] | None = None,
-        sync_batchnorm: bool = False,
-        channels_last: bool = True,
-        compile: bool = False,
         loss: dict[str, Any] | None = None,
-        head_init: str = "default",
-        head_init_map: dict[str, list[int]] | None = None,
+        loss_terms: dict[str, dict[str, Any]] | None = None,
+        options: ModelOptions | None = None,
         temperature: float = 1.0,
     ):
         super().__init__()  # the multipliers are checked with the config (finetune.validation)
-        self.save_hyperparameters(logger=False)  # train.py logs the settings that tell runs apart
-        self.backbone = instantiate_unwrapped(backbone, pretrained=strategy["pretrained"])
-        # `bn=eval` keeps pretrained statistics; a random init has none worth keeping (checkpoints before `bn` lack it)
-        self.backbone.bn_eval = strategy["pretrained"] and strategy.get("bn", "train") == "eval"
+        options = options or ModelOptions()
+        loss_terms = loss_terms or {}
+        settings = {
+            "backbone": backbone,
+            "classes": list(classes),
+            "input_config": input_config.to_dict(),
+            "strategy": asdict(strategy),
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "loss": loss,
+            "loss_terms": loss_terms,
+            "options": asdict(options),
+            "temperature": temperature,
+        }
+        self.save_hyperparameters(settings, logger=False)  # train.py logs the settings that tell runs apart
+        self.strategy, self.options = strategy, options
+        self.backbone = instantiate_unwrapped(backbone, pretrained=strategy.pretrained)
+        # `bn=eval` keeps pretrained statistics; a random init has none worth keeping
+        self.backbone.bn_eval = strategy.pretrained and strategy.bn == "eval"
         self.head = nn.Linear(self.backbone.num_features, len(classes))
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        if head_init == "source":
-            init_head_from_source(self.head, classes, self.backbone.classifier, head_init_map)
-        loss = loss or {}
-        self.label_smoothing = loss.get("label_smoothing", 0.0)
-        weights = loss.get("class_weights")
-        self.register_buffer("class_weights", None if weights is None else torch.tensor(weights), persistent=False)
-        if channels_last:  # NHWC weights: convolutions then run (and return) channels-last, inputs need no change
+        if options.head_init == "source":
+            init_head_from_source(self.head, classes, self.backbone.classifier, options.head_init_map)
+        self.criterion = CrossEntropy() if loss is None else instantiate(loss, _convert_="all")
+        if (
+            options.channels_last
+        ):  # NHWC weights: convolutions then run (and return) channels-last, inputs need no change
             self.backbone.to(memory_format=torch.channels_last)
-        if compile:  # stage by stage, so a frozen prefix still runs under no_grad (see Backbone)
+        if options.compile:  # stage by stage, so a frozen prefix still runs under no_grad (see Backbone)
             for stage in self.backbone.stages:
                 stage.compile()
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(len(classes), average="micro") for _ in range(3)
+        )
+        # last: a term may keep what it needs of the finished model (e.g. a copy of the source weights)
+        self.loss_terms = nn.ModuleDict(
+            {name: instantiate(term, _convert_="all")(self) for name, term in loss_terms.items() if term is not None}
         )
 
     @classmethod
@@ -98,13 +164,19 @@ class FineTuneModule(L.LightningModule):
         settings = checkpoint.get("hyper_parameters")
         if not isinstance(settings, dict) or "backbone" not in settings:
             raise ConfigError(f"ckpt_path: {source} was written by an older version: it does not hold its settings")
-        settings = {
-            **settings,
-            "backbone": {**settings["backbone"], "weights_path": None},  # the weights are in the checkpoint
-            "strategy": {**settings["strategy"], "pretrained": False},
-            "head_init": "default",  # the head is in the checkpoint too
-        }
-        model = cls(**settings)
+        settings = current_settings(settings)
+        model = cls(
+            backbone={**settings["backbone"], "weights_path": None},  # the weights are in the checkpoint
+            classes=settings["classes"],
+            input_config=InputConfig.from_dict(settings["input_config"]),
+            strategy=replace(StrategySettings.from_dict(settings["strategy"]), pretrained=False),
+            optimizer=settings["optimizer"],
+            scheduler=settings["scheduler"],
+            loss=settings["loss"],
+            loss_terms=settings["loss_terms"],
+            options=replace(ModelOptions(**settings["options"]), head_init="default"),  # the head is in it too
+            temperature=settings["temperature"],
+        )
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 
@@ -132,7 +204,7 @@ class FineTuneModule(L.LightningModule):
         Frozen stages keep their BatchNorm in eval mode, so only the training stages synchronise. A no-op on
         one device; PyTorch's SyncBatchNorm does not train on the CPU, so CPU DDP stops here with a clear error.
         """
-        if not self.hparams.sync_batchnorm or self.trainer.world_size == 1:
+        if not self.options.sync_batchnorm or self.trainer.world_size == 1:
             return
         if self.trainer.strategy.root_device.type == "cpu":
             raise ConfigError("model.sync_batchnorm=true needs GPUs: PyTorch's SyncBatchNorm does not train on the CPU")
@@ -142,36 +214,11 @@ class FineTuneModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
-    def param_groups(self, filter_bias_and_bn: bool = False) -> list[dict[str, Any]]:
-        """Named groups with their lr multiplier: `backbone` (or `stage0..stageK-1`) and `head`; with
-        `filter_bias_and_bn`, each also as `<name>_no_decay` with its biases and 1-D params at weight_decay 0."""
-        strategy, stages = self.hparams.strategy, self.backbone.stages
-        if strategy["group_by_stage"]:
-            count = len(stages)
-            groups = [
-                (f"stage{k}", stage, strategy["backbone_lr_mult"] * strategy["layer_decay"] ** (count - k))
-                for k, stage in enumerate(stages)
-            ]
-        else:
-            groups = [("backbone", stages, strategy["backbone_lr_mult"])]
-        groups.append(("head", self.head, strategy["head_lr_mult"]))
-        result = []
-        for name, module, mult in groups:
-            named = list(module.named_parameters())
-            if filter_bias_and_bn:
-                decay, no_decay = decay_split(named)
-                result += [
-                    {"name": name, "params": decay, "lr_mult": mult},
-                    {"name": f"{name}_no_decay", "params": no_decay, "lr_mult": mult, "weight_decay": 0.0},
-                ]
-            else:
-                result.append({"name": name, "params": [p for _, p in named], "lr_mult": mult})
-        return [group for group in result if group["params"]]
-
     def configure_optimizers(self) -> dict[str, Any]:
         settings = dict(self.hparams.optimizer)
-        filter_bias_and_bn = settings.pop("filter_bias_and_bn", False)
-        optimizer = instantiate(settings)(self.param_groups(filter_bias_and_bn))
+        rule = instantiate(self.strategy.param_groups)  # finetune.models.param_groups
+        groups = rule(self.backbone.stages, self.head, self.strategy, settings.pop("filter_bias_and_bn", False))
+        optimizer = instantiate(settings)(groups)
         for group in optimizer.param_groups:  # before the scheduler records them as its base_lrs
             group["lr"] *= group["lr_mult"]
         if self.hparams.scheduler is None:
@@ -182,19 +229,24 @@ class FineTuneModule(L.LightningModule):
         scheduler = instantiate(schedule)(optimizer, **steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with `loss.class_weights` and `loss.label_smoothing`; `targets` are class indices or
-        (N, C) probabilities (as MixUp/CutMix make them)."""
-        return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
-
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and logits of a batch; in training, plus each loss term (validation and test losses stay the
+        loss of the logits alone, comparable between methods)."""
         inputs, targets = batch  # images, or the frozen backbone's features of them (finetune.caching)
-        logits = self(inputs)
-        loss = self.loss(logits, targets)
+        features = self.backbone(inputs)
+        logits = self.head(features)
+        loss = self.criterion(logits, targets)
+        on_step = stage == "train"
+        if on_step and self.loss_terms:
+            self.log("train/loss_cls", loss, on_step=True, on_epoch=True, sync_dist=True)
+            output = StepOutput(features, logits, targets)
+            for name, term in self.loss_terms.items():
+                value = term(self, output)
+                self.log(f"train/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True)
+                loss = loss + value
         labels = targets.argmax(1) if targets.ndim == 2 else targets  # MixUp/CutMix: soft labels (N, C)
         accuracy = getattr(self, f"{stage}_acc")
         accuracy(logits, labels)
-        on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True)
         return loss, logits

@@ -1,0 +1,56 @@
+"""What a training step minimises: the loss of the logits (`loss` in conf/, `CrossEntropy` by default) plus any
+extra terms (`loss_terms`: none by default), each logged as `train/loss_<name>`.
+
+Both are objects the config instantiates, so a transfer method that changes the objective is a class here or in
+its own file, not a branch in the LightningModule:
+- a loss is any `(logits, targets) -> scalar` module (torch's own losses fit);
+- a term is built once from the module it trains (`_partial_: true`: called with the `FineTuneModule` once its
+  backbone and head exist, e.g. to keep a copy of the source weights) and then called at each training step with
+  that module and the step's `StepOutput`; its tensors (`register_buffer`) go into the checkpoint with the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What a training step computed, for the terms: the backbone's pooled features (N, D), the head's logits
+    (N, C) and the targets (class indices (N,), or (N, C) probabilities from MixUp/CutMix)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
+class LossTerm(nn.Module):
+    """A term added to the training loss (`loss_terms.<name>` in conf/): a scalar from the module it trains and
+    the step's output. A module, so that what it keeps (source weights, a relationship matrix) moves to the
+    device and into the checkpoint with the model."""
+
+    def forward(self, model: LightningModule, output: StepOutput) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CrossEntropy(nn.Module):
+    """Cross-entropy with label smoothing and a weight per class (`conf/loss/default.yaml`); `targets` are class
+    indices or (N, C) probabilities (as MixUp/CutMix make them).
+
+    `class_weights`: one per class in label order, or None (all 1); `loss.class_weights=balanced` is resolved
+    from the training split by the builder. A buffer outside the state dict: the settings rebuild it."""
+
+    def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
