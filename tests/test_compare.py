@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from finetune.builders import build_datamodule
 from finetune.comparison import compare, holm, recommendation
+from finetune.comparison import main as comparison_main
 from finetune.data.datamodule import ImageFolderDataModule, few_shot
 from finetune.data.sampling import SeededSampler
 from finetune.models.backbones import InputConfig
@@ -151,6 +154,8 @@ def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_
     report = (folder / "compare.md").read_text()
     assert "vs best (points, 95% CI)" in report and "is best (test accuracy" in first.output
     assert (folder / "differences.png").is_file()
+    config = OmegaConf.load(folder / "jobs" / "freeze-seed2" / ".hydra" / "config.yaml")
+    assert (config.strategy.name, config.seed, config.callbacks.feature_cache.enabled) == ("freeze", 2, True)
     stamps = {p: p.stat().st_mtime for p in folder.glob("jobs/*/status.json")}
     assert len(stamps) == 4
 
@@ -217,6 +222,10 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     (tmp_path / "jobs" / "b-seed2" / "status.json").write_text('{"status": "failed", "error": "ValueError: boom"}')
     plan = {"command": "python compare.py ...", "classes": 2, "jobs": [job.to_dict() for job in jobs]}
     (tmp_path / "jobs.json").write_text(json.dumps(plan))
+    (line,) = doc_commands("docs/compare.md", "## Rewriting the report")
+    words = shlex.split(line.replace("logs/compare/<folder>", str(tmp_path)))
+    assert words[:3] == ["python", "-m", "finetune.comparison"]
+    comparison_main(words[3:])
     text = write_comparison(tmp_path)
     report = (tmp_path / "compare.md").read_text()
     assert "- a-seed3: unfinished" in report and "- b-seed2: failed: ValueError: boom" in report
@@ -231,3 +240,43 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     again = pending(tmp_path, changed)
     assert sorted(job.name for job in again) == ["a-seed3", "b-seed1", "b-seed2"]
     assert not (tmp_path / "jobs" / "a-seed3").exists() and len(list((tmp_path / ".incomplete").iterdir())) == 3
+
+
+def test_a_setting_wins_over_the_command(tmp_path: Path):
+    """A key both the command and a setting set is the setting's in that setting's jobs, the command's elsewhere."""
+    from finetune.compare import job_config, shared_overrides, with_setting
+    from finetune.comparison import Job
+
+    jobs = [
+        Job("a-seed1", "a", 1, None, ["strategy=finetune", "seed=1"]),
+        Job("b-seed1", "b", 1, 5, ["strategy=scratch", "optimizer.lr=0.003", "seed=1", "data.shots=5"]),
+    ]
+    task = ["model=resnet18", "optimizer.lr=0.0003", "~callbacks.progress_bar"]
+    shared, clash = shared_overrides(task, jobs)
+    assert shared == ["model=resnet18", "~callbacks.progress_bar"] and clash == ["optimizer.lr=0.0003"]
+    assert with_setting(task, jobs[1])[-4:] == jobs[1].overrides and "optimizer.lr=0.0003" not in with_setting(
+        task, jobs[1]
+    )
+    configs = [OmegaConf.create(job_config(job, clash)) for job in jobs]
+    assert [c.optimizer.lr for c in configs] == [0.0003, 0.003]
+    assert configs[1].defaults[0] == {"override /strategy": "scratch"} and configs[1].data.shots == 5
+    assert configs[0].data.shots is None and configs[0].seed == 1
+    for job in jobs:  # each composes as train.py would (the job's config given as its overrides)
+        cfg = compose_train(tmp_path, with_setting(shared + clash, job))
+        assert cfg.optimizer.lr == (0.003 if job.setting == "b" else 0.0003)
+
+
+def test_the_documented_commands_compose_and_plan(tmp_path: Path):
+    """docs/compare.md's commands: each composes as compare.py composes it, passes the config rules, and plans its
+    jobs (settings x seeds x shots)."""
+    from finetune.compare import plan
+    from finetune.validation import validate
+
+    counts = []
+    for line in doc_commands("docs/compare.md", "# Compare strategies on your data: compare.py"):
+        words = shlex.split(line)
+        assert words[:2] == ["python", "compare.py"], line
+        cfg = compose_train(tmp_path, words[2:], "compare")
+        validate(cfg)
+        counts.append(len(plan(cfg)))
+    assert counts == [15, 60, 15, 6, 15]

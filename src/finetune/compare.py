@@ -137,12 +137,32 @@ def _is_group(key: str) -> bool:
     return "." not in key and (Path(CONFIG_DIR) / key).is_dir()
 
 
-def job_config(job: Job) -> str:
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def with_setting(task: Sequence[str], job: Job) -> list[str]:
+    """The command's overrides then the job's: a key the job's setting sets is the setting's (its group choice,
+    its value), whatever the command says."""
+    own = {_key(o) for o in job.overrides}
+    return [o for o in task if _key(o) not in own] + list(job.overrides)
+
+
+def shared_overrides(task: Sequence[str], jobs: Sequence[Job]) -> tuple[list[str], list[str]]:
+    """The command's overrides split in two: those no setting sets (on the multirun's command line, for every
+    job) and those some setting sets too (in each job's config, before the setting's, which win there)."""
+    set_by_settings = {_key(o) for job in jobs for o in job.overrides}
+    clash = [o for o in task if _key(o) in set_by_settings and "=" in o and not o.startswith("~")]
+    return [o for o in task if o not in clash], clash
+
+
+def job_config(job: Job, clash: Sequence[str] = ()) -> str:
     """The job's settings as a config of the `compare_job` group: group choices as `override /group: option`,
-    values as nested keys (applied after conf/train.yaml's own, as an experiment's are)."""
+    values as nested keys (applied after conf/train.yaml's own, as an experiment's are). `clash`: the command's
+    overrides of keys that settings set, applied here first (the job's own win)."""
     defaults: list[object] = []
     values = OmegaConf.create()
-    for override in job.overrides:
+    for override in with_setting(clash, job):
         key, value = override.split("=", 1)
         key = key.lstrip("+")
         if _is_group(key):
@@ -206,11 +226,11 @@ def warm_up(task: Sequence[str], job: Job, root: str, steps: int) -> dict[str, f
     the data, and counts its images: what the estimate of the comparison's time is made of. Composing the job's
     config also validates it, before any job starts."""
     start = time.perf_counter()
-    cfg = compose_config([*task, *job.overrides], root)
+    cfg = compose_config(with_setting(task, job), root)
     validate(cfg)
     # every weight training (the costliest strategies), on all the images (their class counts)
     chosen = ("strategy=", "data.shots=", "callbacks.feature_cache.")
-    kept = [o for o in [*task, *job.overrides] if not o.lstrip("+").startswith(chosen)]
+    kept = [o for o in with_setting(task, job) if not o.lstrip("+").startswith(chosen)]
     timing_cfg = compose_config([*kept, "strategy=finetune", "data.shots=null"], root)
     datamodule, model = build(timing_cfg)
     datamodule.prepare_data()
@@ -304,8 +324,9 @@ def launch(
     """Runs the jobs as one `train.py -m` multirun into the comparison folder; returns its exit status."""
     configs = folder / CONFIGS_DIR / JOB_GROUP
     configs.mkdir(parents=True, exist_ok=True)
+    task, clash = shared_overrides(task, jobs)
     for job in jobs:
-        (configs / f"{job.name}.yaml").write_text(job_config(job))
+        (configs / f"{job.name}.yaml").write_text(job_config(job, clash))
     command = [
         sys.executable,
         str(PROJECT_ROOT / "train.py"),
@@ -377,7 +398,7 @@ def run(cfg: DictConfig) -> Path:
                 flush=True,
             )
         else:
-            validate(compose_config([*task, *todo[0].overrides], root))
+            validate(compose_config(with_setting(task, todo[0]), root))
         write_plan(folder, jobs, command, classes)
         launch(folder, todo, task, passed, cfg.compare.poll_s, estimate)
     else:
