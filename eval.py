@@ -1,4 +1,4 @@
-"""python eval.py ckpt_path=<run>/checkpoints/last.ckpt  (see README.md)"""
+"""python eval.py ckpt_path=<run>/checkpoints/last.ckpt  (see docs/after-training.md)"""
 
 from finetune.eval import main
 

@@ -1,4 +1,4 @@
-"""python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx|torchscript  (see README.md)"""
+"""python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx|torchscript  (see docs/after-training.md)"""
 
 from finetune.export import main
 

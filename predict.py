@@ -1,4 +1,4 @@
-"""python predict.py ckpt_path=<run>/checkpoints/last.ckpt input=<image | folder | glob>  (see README.md)"""
+"""python predict.py ckpt_path=<run>/checkpoints/last.ckpt input=<image | folder | glob>  (see docs/after-training.md)"""
 
 from finetune.predict import main
 

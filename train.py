@@ -1,4 +1,4 @@
-"""python train.py [group=option ...] [key=value ...]  (see README.md)"""
+"""python train.py [group=option ...] [key=value ...]  (see docs/training.md)"""
 
 from finetune.train import main
 

@@ -18,7 +18,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 PAGE = ROOT / "docs" / "config.md"
-COMMANDS = ("train", "eval", "predict", "export")  # conf/<command>.yaml, in this order
 FILE_KEYS = ("defaults", "_target_", "_partial_")  # a comment block above one of these at the top: the file's
 
 
@@ -181,8 +180,8 @@ def make_page(conf: Path = CONF) -> str:
         "Groups: " + ", ".join(f"[`{g}`](#{g.replace('/', '')})" for g in groups(conf)) + ".",
         "",
     ]
-    for command in COMMANDS:
-        out += file_section(read(conf / f"{command}.yaml"), f"## `{command}.py` (`conf/{command}.yaml`)", "")
+    for path in sorted(conf.glob("*.yaml"), key=lambda p: (p.stem != "train", p.stem)):
+        out += file_section(read(path), f"## `{path.stem}.py` (`conf/{path.name}`)", "")
     for group in groups(conf):
         files = sorted((conf / group).glob("*.yaml"), key=lambda p: (not p.name.startswith("_"), p.name))
         options = [p.stem for p in files if not p.stem.startswith("_")]

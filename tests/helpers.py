@@ -52,12 +52,29 @@ def event_dir(run_dir: Path) -> Path:
     return folder
 
 
-def readme_commands(heading: str, block: int = 0) -> list[str]:
-    """The lines of bash block number `block` (0: the first) under README.md's `heading`, as typed (comments
-    included; a block indented in a list item is dedented)."""
-    section = (PROJECT_ROOT / "README.md").read_text().split(f"\n{heading}\n")[1].split("\n## ")[0]
-    found = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[block]
-    return [line.strip() for line in found.strip().splitlines()]
+def doc_section(page: str, heading: str) -> str:
+    """The text under the line `heading` (e.g. "## Sweeps and the report") of `page` (a path from the project root,
+    e.g. "docs/sweeps.md"), up to the next heading of its level or above; `#` lines inside code blocks are not
+    headings."""
+    lines = (PROJECT_ROOT / page).read_text().splitlines()
+    level = len(heading) - len(heading.lstrip("#"))
+    start = lines.index(heading) + 1
+    fenced, end = False, len(lines)
+    for index in range(start, len(lines)):
+        line = lines[index]
+        fenced ^= line.lstrip().startswith("```")
+        if not fenced and re.match(rf"#{{1,{level}}} ", line):
+            end = index
+            break
+    return "\n".join(lines[start:end])
+
+
+def doc_commands(page: str, heading: str, block: int = 0) -> list[str]:
+    """The commands of bash block number `block` (0: the first) under `heading` of `page` (see `doc_section`), as
+    typed: comments included, a block indented in a list item dedented, a line continued with `\\` joined to the
+    next. tests/test_docs.py finds these calls to check that every block of README.md and docs/ is tested."""
+    found = re.findall(r"```bash\n(.*?)```", doc_section(page, heading), flags=re.S)[block]
+    return [line.strip() for line in re.sub(r"\\\n\s*", "", found).strip().splitlines()]
 
 
 def run_cli(args: list[str], root: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
-"""eval.py, predict.py and export.py on a real (tiny) trained run: the README commands as typed, a checkpoint out
-of its run folder, a default changed after training, an older checkpoint, calibration, the figures."""
+"""eval.py, predict.py and export.py on a real (tiny) trained run: the commands of docs/after-training.md as typed,
+a checkpoint out of its run folder, a default changed after training, an older checkpoint, calibration, the figures."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from finetune.export import export_checkpoint, read_sidecar
 from finetune.models.module import FineTuneModule
 from finetune.predict import predict_files
 from finetune.train import train
-from tests.helpers import TINY, compose_train, event_dir, make_image_folder, readme_commands, run_cli
+from tests.helpers import TINY, compose_train, doc_commands, doc_section, event_dir, make_image_folder, run_cli
 
 HOTDOG64 = PROJECT_ROOT.parent / "shared" / "datasets" / "hotdog64"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated, and asked for
@@ -95,7 +95,7 @@ def test_train_analyses_its_test(trained):
     assert {"hp/test/macro_f1", "hp/test/balanced_acc", "hp/test/ece"} <= {m.name.tag for m in experiment.metric_infos}
 
 
-def test_readme_commands_run_as_written(trained, tmp_path):
+def test_the_documented_commands_run_as_written(trained, tmp_path):
     run, accuracy = trained
     ckpt = copy_run(run, tmp_path / "run")
     photos = make_image_folder(tmp_path / "photos", train=0, test=3) / "test"
@@ -104,7 +104,7 @@ def test_readme_commands_run_as_written(trained, tmp_path):
     (photos / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
     (photos / "text.jpg").write_text("not an image\n")
     (photos / "notes.txt").write_text("not an image by name: no row\n")
-    commands = readme_commands("## After training: evaluate, predict, export")
+    commands = doc_commands("docs/after-training.md", "# After training: evaluate, predict, export")
     assert [c.split()[:2] for c in commands] == [
         ["python", "eval.py"],
         ["python", "predict.py"],
@@ -159,10 +159,10 @@ def test_readme_commands_run_as_written(trained, tmp_path):
     assert difference < 1e-4 and "top-1 the same" in exported
 
 
-def test_readme_snippet_is_the_tested_one():
-    text = (PROJECT_ROOT / "README.md").read_text().split("## After training: evaluate, predict, export")[1]
-    readme = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
-    assert readme == re.search(r"```python\n(.*?)```", export.__doc__, flags=re.S).group(1)  # run by test_export
+def test_the_documented_snippet_is_the_tested_one():
+    text = doc_section("docs/after-training.md", "## The exported model without this project")
+    documented = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    assert documented == re.search(r"```python\n(.*?)```", export.__doc__, flags=re.S).group(1)  # run by test_export
 
 
 def test_a_moved_checkpoint_evaluates_predicts_and_exports(trained, image_folder, tmp_path, capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""The commands of README.md, run as a user types them (offline, on generated data)."""
+"""The commands of README.md and docs/training.md, run as a user types them (offline, on generated data)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.train import train
-from tests.helpers import TINY, compose_train, event_dir, run_cli
+from tests.helpers import TINY, compose_train, doc_commands, event_dir, run_cli
 
 
 def printed_accuracy(output: str) -> float:
@@ -64,14 +64,22 @@ def test_eval_reproduces_the_test_accuracy_of_the_checkpoint(trained_run, tmp_pa
     assert printed_accuracy(result.output) == printed_accuracy(output)
 
 
+def first_screen() -> list[list[str]]:
+    """README's first commands, as typed (without their comments)."""
+    return [line.split("#")[0].split() for line in doc_commands("README.md", "# finetune")]
+
+
 def test_offline_demo_runs_as_written(tmp_path):
-    result = run_cli(["train.py", "model=efficientnet_lite0", "data=synthetic"], tmp_path)
+    demo = ["python", "train.py", "model=efficientnet_lite0", "data=synthetic"]
+    assert demo in first_screen()
+    result = run_cli(demo[1:], tmp_path)
     assert result.returncode == 0, result.output
     assert printed_accuracy(result.output) >= 0.8  # real ImageNet features separate the shapes
 
 
 def test_default_command_offline_says_what_to_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert ["python", "train.py"] in first_screen()
     result = run_cli(["train.py"], tmp_path)
     assert result.returncode != 0
     assert "resnet18-f37072fd.pth" in result.output and "model.weights_path=" in result.output

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks import throughput
 from finetune.config import PROJECT_ROOT
-from tests.helpers import readme_commands
+from tests.helpers import doc_commands
 
 BENCHMARKS_MD = PROJECT_ROOT / "BENCHMARKS.md"
 
@@ -112,10 +112,10 @@ def test_the_bundle_is_installed_without_an_index_and_gives_the_archive(tmp_path
     assert f"data.root={work}/cifar10" in composed(result.stdout)[1]
 
 
-def test_readmes_gpu_commands_are_what_the_tests_run(tmp_path):
-    """README's GPU block: `make gpu-bundle` is the Makefile's target for the bundle script (it downloads, so it
-    is not run here), the dry run is run as written on a bundle, the tiny run is the slow test below."""
-    commands = [line.split("  #")[0].strip() for line in readme_commands("## Scaling out", block=1)]
+def test_the_documented_gpu_commands_are_what_the_tests_run(tmp_path):
+    """The GPU block of docs/scaling-out.md: `make gpu-bundle` is the Makefile's target for the bundle script (it
+    downloads, so it is not run here), the dry run is run as written on a bundle, the tiny run is the slow test below."""
+    commands = [line.split("  #")[0].strip() for line in doc_commands("docs/scaling-out.md", "## The GPU check")]
     assert commands == [
         "make gpu-bundle",
         "benchmarks/gpu_check.sh --bundle .whl --dry-run",

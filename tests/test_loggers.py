@@ -27,7 +27,7 @@ from finetune.builders import instantiate_loggers
 from finetune.errors import MissingPackageError
 from finetune.loggers import MLFlowLogger, hparams
 from finetune.train import finalized, train
-from tests.helpers import TINY, compose_train, readme_commands, run_cli
+from tests.helpers import TINY, compose_train, doc_commands, run_cli
 
 # Keys that tell no runs apart: they must not reach HPARAMS or the trackers' params
 LEFT_OUT = {"_target_", "_partial_", "num_workers", "pin_memory", "persistent_workers", "root", "paths", "ckpt_path"}
@@ -152,13 +152,15 @@ def fetch(url: str, body: dict | None = None) -> bytes:
         return response.read()
 
 
-def test_mlflow_ui_as_in_the_readme_shows_the_run_and_its_config(tmp_path, image_folder, mlflow_root, mlflow_store):
+def test_mlflow_ui_as_documented_shows_the_run_and_its_config(tmp_path, image_folder, mlflow_root, mlflow_store):
     cfg = tiny_run(tmp_path, image_folder, "logger=mlflow", f"logger.mlflow.tracking_uri={mlflow_store}")
     train(cfg)
     with socket.socket() as probe:  # a free port: 5000, the default, may be taken where the tests run
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    (typed,) = [line for line in readme_commands("### Experiment trackers") if line.startswith("mlflow ui ")]
+    (typed,) = [
+        line for line in doc_commands("docs/sweeps.md", "## Experiment trackers") if line.startswith("mlflow ui ")
+    ]
     command = [*shlex.split(typed.split("#")[0]), "--port", str(port)]
     command[0] = str(Path(sys.executable).with_name("mlflow"))  # the venv's, active or not
     log = tmp_path / "mlflow-ui.log"

@@ -20,7 +20,7 @@ from finetune.errors import ConfigError
 from finetune.models import InputConfig
 from finetune.train import train
 from finetune.validation import validate
-from tests.helpers import compose_train, make_image_folder, readme_commands, run_cli
+from tests.helpers import compose_train, doc_commands, make_image_folder, run_cli
 
 CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
 # the recommended recipe, short: pretrained Lite0, 2 epochs (the head alone, then everything), batches of 8
@@ -149,8 +149,8 @@ def test_the_feature_cache_tells_stored_images_from_files(images, tmp_path):
 )
 def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, overrides, caplog):
     """The shipped defaults (freeze_unfreeze, AdamW, warmup + cosine per step, label smoothing) on pretrained
-    Lite0, with the store: the crop on the device's batches, and the linear probe on cached features (README's
-    command runs the crop in the workers)."""
+    Lite0, with the store: the crop on the device's batches, and the linear probe on cached features (the
+    documented command runs the crop in the workers)."""
     cfg = compose_train(
         tmp_path,
         [
@@ -171,8 +171,8 @@ def test_train_py_with_the_store_and_the_recommended_recipe(tmp_path, images, ov
     assert len(list(store.glob("*.npy"))) == 2
 
 
-def test_readmes_store_command_runs_as_written(images, tmp_path):
-    (command,) = readme_commands("### Images decoded once: the store")
+def test_the_store_command_runs_as_written(images, tmp_path):
+    (command,) = doc_commands("docs/strategies.md", "## Images decoded once: the store")
     typed = command.replace("path/to/images", str(images)).split()[1:]
     result = run_cli([*typed, "data.image_size=32", "trainer.max_epochs=1", "data.num_workers=0"], tmp_path)
     assert result.returncode == 0, result.output

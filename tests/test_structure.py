@@ -16,7 +16,7 @@ from finetune.builders import build_datamodule
 from finetune.config import PROJECT_ROOT
 from finetune.models.module import FineTuneModule
 from finetune.train import train
-from tests.helpers import TINY, compose_train, run_cli
+from tests.helpers import TINY, compose_train, doc_commands, doc_section, run_cli
 
 
 def resize_of(transform: v2.Compose) -> v2.Resize:
@@ -78,8 +78,7 @@ def test_debug_configs_run_the_pipeline(tmp_path, image_folder):
 
 
 def test_where_things_live_matches_the_tree():
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    table = readme.split("### Where things live", 1)[1].split("\n\n", 2)[1]
+    table = doc_section("docs/contributing.md", "## Where things live").strip().split("\n\n")[0]
     named = set(re.findall(r"`((?:src|conf|tests|benchmarks)/[\w/.]*|[\w]+\.py)`", table))
     assert all((PROJECT_ROOT / path).exists() for path in named), sorted(
         p for p in named if not (PROJECT_ROOT / p).exists()
@@ -89,12 +88,12 @@ def test_where_things_live_matches_the_tree():
     unnamed = [
         m for m in modules if m not in named and not m.endswith("__init__.py") and str(Path(m).parent) not in folders
     ]
-    assert not unnamed, f"not in README's 'Where things live': {unnamed}"
+    assert not unnamed, f"not in docs/contributing.md's 'Where things live': {unnamed}"
 
 
-def test_the_debug_command_of_the_readme_runs(tmp_path):
-    command = "python train.py model=efficientnet_lite0 data=synthetic debug=fdr"
-    assert f"`{command}`" in (PROJECT_ROOT / "README.md").read_text()
+def test_the_documented_debug_command_runs(tmp_path):
+    (command,) = doc_commands("docs/training.md", "## Quick checks (`debug=`)")
+    assert command == "python train.py model=efficientnet_lite0 data=synthetic debug=fdr"
     result = run_cli(command.split()[1:], tmp_path)
     assert result.returncode == 0, result.output
     assert "Test accuracy:" in result.output and not list((tmp_path / "logs").rglob("*.ckpt"))
