@@ -119,7 +119,8 @@ def cell(text: str, code: bool = False) -> str:
     text = text.replace("|", "\\|")
     if code:
         return f"`{text}`" if text else ""
-    return text.replace("<", "&lt;").replace("*", "\\*")
+    parts = text.split("`")  # code spans (odd parts) stay as written
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace("*", "\\*") for i, p in enumerate(parts))
 
 
 def paragraphs(description: str) -> list[str]:
