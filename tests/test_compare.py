@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from finetune.builders import build_datamodule
 from finetune.comparison import compare, holm, recommendation
@@ -280,3 +281,15 @@ def test_the_documented_commands_compose_and_plan(tmp_path: Path):
         validate(cfg)
         counts.append(len(plan(cfg)))
     assert counts == [15, 60, 15, 6, 15]
+
+
+def test_the_far_data_set_is_written_from_the_package(tmp_path: Path):
+    """benchmarks/digits.py: scikit-learn's copy of the UCI digits as an image folder (never in the repository)."""
+    pytest.importorskip("sklearn")
+    from benchmarks.digits import write_digits
+
+    root = write_digits(tmp_path / "digits")
+    counts = {split: len(list((root / split).rglob("*.png"))) for split in ("train", "test")}
+    assert counts == {"train": 1438, "test": 359} and len(list((root / "train").iterdir())) == 10
+    with Image.open(next((root / "train" / "7").iterdir())) as image:
+        assert (image.size, image.mode) == ((32, 32), "RGB")
