@@ -137,18 +137,19 @@ def val_acc(run_dir) -> float:
     return events.Scalars("val/acc")[-1].value
 
 
-@pytest.mark.slow  # 7 tiny train.py runs: about a minute
+@pytest.mark.slow  # 7 tiny train.py runs through compare.py: about a minute
 def test_strategy_benchmark_runs_every_strategy_and_reports(tmp_path, image_folder):
     from benchmarks import strategies
 
     # 5 epochs: gradual unfreezes at epochs 1 to 4
     tiny = ["--seeds", "1", "--epochs", "5", "--image-size", "32", "--num-workers", "0", "data.batch_size=8"]
+    tiny += ["data.min_steps_per_epoch=0"]  # one pass over the tiny folder per epoch
     out = strategies.main(["--data", str(image_folder), "--out", str(tmp_path), *tiny, "strategy.pretrained=false"])
-    statuses = {
-        p.parent.relative_to(out).as_posix(): json.loads(p.read_text())["status"] for p in out.rglob("status.json")
-    }
-    assert statuses == {f"seed1/strategies/{i}": "completed" for i in range(6)} | {"seed1/scratch_lr10x/0": "completed"}
-    report = (out / "report.md").read_text()
-    for strategy in strategies.STRATEGIES.split(","):
-        assert f"| {strategy} |" in report
-    assert "| 0.003 |" in report  # scratch again at 10x the recipe's lr (AdamW 3e-4)
+    statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in (out / "jobs").glob("*/status.json")}
+    names = [*strategies.STRATEGIES.split(","), "scratch_lr10x"]
+    assert statuses == {f"{name}-seed1": "completed" for name in names}
+    report = (out / "compare.md").read_text()
+    for name in names:
+        assert f"| {name}-seed1 | {name} | 1 | all | " in report
+    plan = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert "optimizer.lr=0.003" in plan[-1]["overrides"]  # scratch again at 10x the recipe's lr (AdamW 3e-4)

@@ -417,3 +417,5 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except UserError as err:
         sys.exit(f"Error: {err}")
+    except KeyboardInterrupt:  # the running job is recorded as interrupted and runs again next time
+        sys.exit("Interrupted: the same command again runs the jobs that did not complete, and the comparison")
