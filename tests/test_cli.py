@@ -1,4 +1,4 @@
-"""The commands of README.md and docs/training.md, run as a user types them (offline, on generated data)."""
+"""The commands of README.md's first screen and of training, run as a user types them (offline, on generated data)."""
 
 from __future__ import annotations
 
