@@ -85,7 +85,7 @@ class Row:
     half: float  # the 95 % CI's half-width of the mean
     f1_mean: float = math.nan
     f1_half: float = math.nan
-    diff: float = 0.0  # mean paired difference to the best (this - best), accuracy units
+    diff: float = math.nan  # mean paired difference to the best (this - best), accuracy units
     diff_half: float = math.nan
     diff_std: float = math.nan
     p: float = math.nan
@@ -218,7 +218,7 @@ def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = No
     which are within it, and when more seeds would be needed to decide. `cost`: fit time per setting (s)."""
     rows, n = comparison.rows, len(comparison.seeds)
     if not rows or n == 0:
-        return "No setting completed a run: there is nothing to compare (see the failed jobs)."
+        return "No seed has a completed run of every setting yet: nothing to compare (see the jobs below)."
     best = comparison.best
     if len(rows) == 1:
         return f"Only `{best.setting}` completed: there is nothing to compare it with."
@@ -326,8 +326,10 @@ class Report:
 
     @property
     def main_shots(self) -> int | None:
-        """The comparison the headline is about: all images if compared, else the largest K."""
-        return None if None in self.shots else max(self.shots)
+        """The comparison the headline is about: all images if compared, else the largest K (the largest with
+        runs every setting completed, while a comparison is under way)."""
+        order = sorted(self.shots, key=lambda k: math.inf if k is None else k, reverse=True)
+        return next((k for k in order if self.comparisons[k].seeds), order[0])
 
 
 def build_report(folder: str | os.PathLike) -> Report:
@@ -373,7 +375,11 @@ def comparison_table(report: Report, shots: int | None) -> str:
                 f"**{row.setting}**" if row.best else row.setting,
                 _ci(row.mean, row.half),
                 _ci(row.f1_mean, row.f1_half),
-                "best" if row.best else f"{_points(row.diff)} ± {100 * row.diff_half:.1f}",
+                "best"
+                if row.best
+                else "-"
+                if math.isnan(row.diff)
+                else f"{_points(row.diff)} ± {100 * row.diff_half:.1f}",
                 "" if row.best else _p(row.p),
                 "" if row.best else _p(row.p_holm),
                 _fmt(row.rank, 1),
