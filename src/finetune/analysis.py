@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
@@ -312,12 +313,13 @@ def _table(metrics: ClassificationMetrics) -> str:
 
 @dataclass(frozen=True)
 class Report:
-    """What `write_report` wrote: eval.md's text, the metrics, the ECE after temperature scaling, the figures."""
+    """What `write_report` wrote: eval.md's text, the metrics, the ECE after temperature scaling, the figures
+    (rendered once, as RGB pixels: the PNG files and TensorBoard's images are the same pixels)."""
 
     text: str
     metrics: ClassificationMetrics
     ece_calibrated: float | None
-    figures: dict[str, Figure]  # by file name
+    figures: dict[str, np.ndarray]  # (H, W, 3) uint8, by file name
 
     @property
     def scalars(self) -> dict[str, float]:
@@ -331,8 +333,16 @@ class Report:
 
     def add_figures(self, writer: SummaryWriter, prefix: str, step: int = 0) -> None:
         """Each figure as a TensorBoard image `<prefix>/<file stem>` (e.g. `test/confusion_matrix`)."""
-        for name, figure in self.figures.items():
-            writer.add_figure(f"{prefix}/{Path(name).stem}", figure, step)
+        for name, pixels in self.figures.items():
+            writer.add_image(f"{prefix}/{Path(name).stem}", pixels, step, dataformats="HWC")
+
+
+def render(figure: Figure, dpi: int = 100) -> np.ndarray:
+    """The figure's pixels (H, W, 3), drawn once: the layout engine and drawing are most of a report's time."""
+    figure.set_dpi(dpi)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def write_report(
@@ -384,9 +394,10 @@ def write_report(
     ]
     parts = ["# Evaluation", "", *(f"- {note}" for note in notes), *([""] if notes else [])]
     parts += [markdown_table(["metric", "value"], summary), "", "## Per class", "", _table(metrics)]
-    for name, figure in figures.items():
-        figure.savefig(output_dir / name, dpi=100)
+    rendered = {name: render(figure) for name, figure in figures.items()}
+    for name, pixels in rendered.items():
+        Image.fromarray(pixels).save(output_dir / name)
         parts += ["", f"## {captions[name]}", "", f"![{name}]({name})"]
     text = "\n".join(parts) + "\n"
     (output_dir / "eval.md").write_text(text)
-    return Report(text, metrics, after, figures)
+    return Report(text, metrics, after, rendered)
