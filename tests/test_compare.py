@@ -72,7 +72,7 @@ def test_recommendation_sentence():
     text = recommendation(compare(TABLE), cost={"a": 100.0, "b": 50.0, "c": 40.0})
     assert text.startswith(
         "`a` is best (test accuracy 0.810 ± 0.025 over 3 seeds); `c` is within noise of it (-0.2 ± 4.0 points, "
-        "p = 0.87); `b` is 3.0 ± 1.2 points worse (p = 0.018)."
+        "Holm p = 0.87); `b` is 3.0 ± 1.2 points worse (Holm p = 0.018)."
     ), text
     assert "With 3 seeds, `c` cannot be told apart from `a`: more seeds would be needed to decide" in text
     assert "`c` fits in 40% of the time" in text

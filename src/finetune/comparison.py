@@ -232,11 +232,11 @@ def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = No
     worse = [r for r in rows[1:] if r.significant]
     close = [r for r in rows[1:] if not r.significant]
     parts = [
-        f"`{r.setting}` is within noise of it ({_points(r.diff)} ± {100 * r.diff_half:.1f} points, p = {_p(r.p_holm)})"
+        f"`{r.setting}` is within noise of it ({_points(r.diff)} ± {100 * r.diff_half:.1f} points, Holm p = {_p(r.p_holm)})"
         for r in close
     ]
     parts += [
-        f"`{r.setting}` is {100 * -r.diff:.1f} ± {100 * r.diff_half:.1f} points worse (p = {_p(r.p_holm)})"
+        f"`{r.setting}` is {100 * -r.diff:.1f} ± {100 * r.diff_half:.1f} points worse (Holm p = {_p(r.p_holm)})"
         for r in worse
     ]
     text = head + "; " + "; ".join(parts) + "."
@@ -245,7 +245,7 @@ def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = No
     names = ", ".join(f"`{r.setting}`" for r in close)
     needed = [seeds_needed(r.diff, r.diff_std) for r in close]
     known = [k for k in needed if k is not None]
-    more = f" (a difference of the size seen would need about {max(known)} seeds)" if known and max(known) > n else ""
+    more = f" (the differences seen would need up to about {max(known)} seeds)" if known and max(known) > n else ""
     text += f" With {n} seeds, {names} cannot be told apart from `{best.setting}`: more seeds would be needed to decide{more}."
     if cost and not math.isnan(cost.get(best.setting, math.nan)):
         cheap = [r for r in close if cost.get(r.setting, math.inf) < 0.8 * cost[best.setting]]
@@ -524,7 +524,9 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
         "- vs best: the mean of the per-seed differences to the best setting (in accuracy points), with its 95 % CI. "
         "For one seed every setting saw the same split, few-shot subset, batch order and augmentation, so the "
         "differences are paired; p is the paired t-test's (scipy.stats.ttest_rel, two-sided), p (Holm) corrected for "
-        f"the {max(0, len(report.settings) - 1)} comparisons with the best. Worse beyond noise: p (Holm) < {ALPHA}.",
+        f"the {max(0, len(report.settings) - 1)} comparisons with the best. Worse beyond noise: p (Holm) < {ALPHA}. "
+        "The intervals are each comparison's own (not adjusted): one that excludes 0 with p (Holm) >= 0.05 is a "
+        "lead that the number of comparisons does not let us call real.",
         "- mean rank: 1 = the best setting of a seed, averaged over the seeds.",
         "- fit time: the training's wall time (validation included, test excluded); peak memory: the training "
         "process's peak resident memory (the GPU's peak allocation on a GPU).",
