@@ -27,10 +27,12 @@ from finetune.errors import ConfigError, instantiate_unwrapped
 from finetune.models.backbones import InputConfig, load_checkpoint_file
 from finetune.models.head_init import init_head_from_source
 from finetune.models.losses import CrossEntropy, StepOutput
-from finetune.models.param_groups import LrMultipliers
+from finetune.models.param_groups import LrMultipliers, stage_groups
 
-# The loss of checkpoints that stored its settings without a `_target_` (before losses were plug-ins)
+# The loss of checkpoints that stored its settings without a `_target_` (before losses were plug-ins), and the
+# param-group rule of those that stored none
 DEFAULT_LOSS = f"{CrossEntropy.__module__}.{CrossEntropy.__name__}"
+DEFAULT_RULE = f"{stage_groups.__module__}.{stage_groups.__name__}"
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,7 @@ class StrategySettings(LrMultipliers):
 
     pretrained: bool = True
     bn: str = "train"  # checkpoints written before `bn` existed trained their BatchNorm statistics
-    param_groups: dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "finetune.models.param_groups.stage_groups", "_partial_": True}
-    )
+    param_groups: dict[str, Any] = field(default_factory=lambda: {"_target_": DEFAULT_RULE, "_partial_": True})
 
     @classmethod
     def from_dict(cls, strategy: Mapping[str, Any]) -> StrategySettings:
@@ -65,7 +65,7 @@ class ModelOptions:
     head_init_map: dict[str, list[int]] | None = None
 
 
-def current_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+def _current_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's `hyper_parameters` as this version names them: those written before the loss and the
     param-group rule became plug-ins kept the model options beside the other settings and the loss settings
     without their `_target_`."""
@@ -164,7 +164,7 @@ class FineTuneModule(L.LightningModule):
         settings = checkpoint.get("hyper_parameters")
         if not isinstance(settings, dict) or "backbone" not in settings:
             raise ConfigError(f"ckpt_path: {source} was written by an older version: it does not hold its settings")
-        settings = current_settings(settings)
+        settings = _current_settings(settings)
         model = cls(
             backbone={**settings["backbone"], "weights_path": None},  # the weights are in the checkpoint
             classes=settings["classes"],
