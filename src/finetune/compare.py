@@ -26,6 +26,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -370,7 +371,21 @@ def write_plan(folder: Path, jobs: Sequence[Job], command: str, classes: int | N
 
 
 def run(cfg: DictConfig) -> Path:
+    """Plans, runs what is left, writes the comparison; one compare.py at a time per folder (a second would take
+    the first one's running jobs for killed ones)."""
     folder = Path(HydraConfig.get().runtime.output_dir)
+    lock = FileLock(folder / ".compare.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"Another compare.py is running on {folder}: wait for it, or set hydra.sweep.dir=") from None
+    try:
+        return _run(cfg, folder)
+    finally:
+        lock.release()
+
+
+def _run(cfg: DictConfig, folder: Path) -> Path:
     command = " ".join(["python compare.py", *HydraConfig.get().overrides.task])
     task, passed = user_overrides(cfg)
     jobs = plan(cfg)
