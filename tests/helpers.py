@@ -22,6 +22,9 @@ from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 # tests/test_defaults.py runs every documented feature once with the defaults (a feature tested only here can break
 # with them unseen, as the feature cache did: issue 26).
 TINY = ["debug=tiny", "strategy=finetune", "optimizer=sgd", "scheduler=none", "loss.label_smoothing=0"]
+# A backbone of 0.4 M parameters (timm's test_resnet, random init, 4 stages): for the tests of a mechanism that any
+# backbone shows, 2-4x faster to fit and 30x smaller to checkpoint than ResNet-18
+SMALL_MODEL = ["model=timm", "model.name=test_resnet", "strategy.pretrained=false"]
 
 
 def make_image_folder(root: Path, classes: tuple[str, ...] = ("blue", "red"), train: int = 12, test: int = 6) -> Path:

@@ -13,12 +13,12 @@ import pytest
 
 from finetune.errors import exit_on_user_error
 from finetune.train import train
-from tests.helpers import compose_train, run_cli
+from tests.helpers import SMALL_MODEL, compose_train, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Over a tiny run of the defaults on generated images: a value that got through would train (and fail the test).
-TINY = ["debug=tiny", "model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"]
+TINY = ["debug=tiny", *SMALL_MODEL]
 
 # override -> the key its message must name
 CASES = {

@@ -13,15 +13,13 @@ from finetune.errors import DamagedFileError, DataError
 from finetune.eval import evaluate
 from finetune.predict import predict_files
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMALL = ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"]
-
 
 def run_args(image_folder: Path) -> list[str]:
-    return ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL]
+    return ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from omegaconf import open_dict
 from finetune.builders import build
 from finetune.errors import ConfigError
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder
 
 LR = 0.05
 STEPS = 3  # per epoch: 22 training images (val_fraction 0.1 of 24), batch 8
@@ -60,7 +60,7 @@ def run(root: Path, image_folder: Path, *overrides: str, ckpt_path: Path | None 
             "data=imagefolder",
             f"data.root={image_folder}",
             *TINY,
-            "strategy.pretrained=false",
+            *SMALL_MODEL,
             f"optimizer.lr={LR}",
             "optimizer=sgd",
             "optimizer.momentum=0",

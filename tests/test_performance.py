@@ -21,13 +21,12 @@ from finetune.errors import ConfigError
 from finetune.models import InputConfig, timm_backbone, torchvision_backbone
 from finetune.models.fusion import fold_batchnorm
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-TINY_MODEL = ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"]  # small checkpoints
-PROBE = [*TINY_MODEL, "strategy=freeze", "trainer.max_epochs=2"]
+PROBE = [*SMALL_MODEL, "strategy=freeze", "trainer.max_epochs=2"]
 
 
 def probe(tmp_path: Path, image_folder: Path, *overrides: str):
@@ -159,7 +158,7 @@ def test_cache_refuses_a_backbone_that_trains(tmp_path, image_folder):
         FeatureCache(views=0)
     cfg = compose_train(
         tmp_path,
-        ["data=imagefolder", f"data.root={image_folder}", *TINY, *TINY_MODEL, "strategy=finetune"]
+        ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL, "strategy=finetune"]
         + ["callbacks.feature_cache.enabled=true"],
     )
     with pytest.raises(ConfigError, match=r"but (\d+) of its \1 stages train"):
@@ -199,7 +198,7 @@ def test_memory_benchmark_runs(image_folder):
     from benchmarks import memory
 
     args = ["--epochs", "3", "--train-batches", "2", "--val-batches", "1", "data.batch_size=4", "data.num_workers=0"]
-    result = memory.main(["--data", str(image_folder), "--model", *TINY_MODEL, *args])
+    result = memory.main(["--data", str(image_folder), "--model", *SMALL_MODEL, *args])
     assert result["peak_main_mb"] > 100 and abs(result["growth_mb_per_epoch"]) < 50
 
 

@@ -17,10 +17,10 @@ from omegaconf import open_dict
 
 from finetune.models.backbones import timm_backbone, torchvision_backbone
 from finetune.train import train
-from tests.helpers import TINY, compose_train
+from tests.helpers import SMALL_MODEL, TINY, compose_train
 
 LR = 0.05
-STAGES = 5  # resnet18: stem, layer1, ..., layer4
+STAGES = 5  # timm test_resnet (tests.helpers.SMALL_MODEL): stem and 4 stages, as resnet18
 
 
 class LrProbe(L.Callback):
@@ -65,7 +65,7 @@ def run(root: Path, image_folder: Path, *overrides: str, ckpt_path: Path | None 
             "data=imagefolder",
             f"data.root={image_folder}",
             *TINY,
-            "strategy.pretrained=false",
+            *SMALL_MODEL,
             "+trainer.limit_train_batches=1",  # the probe looks at the first step of each epoch
             f"optimizer.lr={LR}",
             "optimizer=sgd",

@@ -17,7 +17,7 @@ from finetune.builders import build
 from finetune.errors import ConfigError
 from finetune.models.backbones import timm_backbone, torchvision_backbone
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder
 
 DECAY = 0.5  # large enough that the average differs from the last weights after a few steps
 
@@ -62,7 +62,7 @@ def fit(root: Path, image_folder: Path, *overrides: str, ckpt_path: Path | None 
             "data=imagefolder",
             f"data.root={image_folder}",
             *TINY,
-            "strategy.pretrained=false",
+            *SMALL_MODEL,
             "callbacks.ema.enabled=true",
             f"callbacks.ema.decay={DECAY}",
             "trainer.precision=64-true",
@@ -115,7 +115,7 @@ def test_ema_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp
                 "data=imagefolder",
                 f"data.root={image_folder}",
                 *TINY,
-                "strategy.pretrained=false",
+                *SMALL_MODEL,
                 "callbacks.ema.enabled=true",
                 f"callbacks.ema.decay={DECAY}",
                 "trainer.max_epochs=2",
