@@ -16,9 +16,7 @@ from finetune.models.losses import LossTerm, StepOutput
 from finetune.models.module import FineTuneModule
 from finetune.models.param_groups import LrMultipliers
 from finetune.train import train
-from tests.helpers import TINY, compose_train
-
-TINY_MODEL = ["model=timm", "model.name=test_resnet", "strategy.pretrained=false"]
+from tests.helpers import SMALL_MODEL, TINY, compose_train
 
 
 class HeadDrift(LossTerm):
@@ -44,7 +42,7 @@ def head_alone(
 def test_a_loss_term_is_added_logged_and_checkpointed(tmp_path: Path, image_folder: Path):
     term = "+loss_terms.drift={_target_:tests.test_method_seam.HeadDrift,_partial_:true,strength:10.0}"
     data = ["data=imagefolder", f"data.root={image_folder}"]
-    metrics = train(compose_train(tmp_path, [*data, *TINY, *TINY_MODEL, term]))
+    metrics = train(compose_train(tmp_path, [*data, *TINY, *SMALL_MODEL, term]))
     assert metrics["train/loss_drift_epoch"] > 0  # the head moved from its start
     assert metrics["train/loss_epoch"] == pytest.approx(
         metrics["train/loss_cls_epoch"] + metrics["train/loss_drift_epoch"]
@@ -58,7 +56,7 @@ def test_a_loss_term_is_added_logged_and_checkpointed(tmp_path: Path, image_fold
 def test_the_param_group_rule_is_the_configs(tmp_path: Path, image_folder: Path):
     rule = "strategy.param_groups._target_=tests.test_method_seam.head_alone"
     _, model = build(
-        compose_train(tmp_path, ["data=imagefolder", f"data.root={image_folder}", *TINY, *TINY_MODEL, rule])
+        compose_train(tmp_path, ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL, rule])
     )
     model.hparams.scheduler = None  # configure_optimizers without a trainer: no schedule
     (group,) = model.configure_optimizers()["optimizer"].param_groups
