@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from scipy import stats
 
 from finetune.report import load_run, markdown_table
@@ -449,6 +450,7 @@ def plot_learning_curve(report: Report, classes: int | None) -> Figure | None:
         return None
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
+    ticks: set[float] = set()
     for index, setting in enumerate(report.settings):
         points = []
         for k in report.shots:
@@ -462,6 +464,7 @@ def plot_learning_curve(report: Report, classes: int | None) -> Figure | None:
         if not points:
             continue
         xs, means, halves = zip(*points, strict=True)
+        ticks.update(xs)
         ax.plot(xs, means, "o-", color=f"C{index % 10}", label=setting)
         ax.fill_between(
             xs,
@@ -471,6 +474,8 @@ def plot_learning_curve(report: Report, classes: int | None) -> Figure | None:
             alpha=0.15,
         )
     ax.set(xscale="log", xlabel="training images per class", ylabel="test accuracy", title="accuracy against data")
+    ax.set_xticks(sorted(ticks), [f"{x:.0f}" for x in sorted(ticks)])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return fig
