@@ -124,7 +124,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, task
     """The checkpoint `ckpt_path` means, None for a fresh start.
 
     `auto`: this run's own checkpoints/last.ckpt or, if newer, the checkpoint Lightning saved in its folder when
-    SLURM signalled a requeue (`hpc_ckpt_<n>.ckpt`; a requeued job keeps its folder, see README), else a fresh
+    SLURM signalled a requeue (`hpc_ckpt_<n>.ckpt`; a requeued job keeps its folder, see docs/scaling-out.md), else a fresh
     start. `last`: the run's own last.ckpt, or else the newest last.ckpt under the task's folder (resume a killed
     run). A run folder: its checkpoints/last.ckpt. Anything else goes to Lightning as given.
     """
