@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import TINY, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, make_image_folder, run_cli
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n auto` in pyproject.toml) each worker gets its share of the cores: N workers with
+    all cores' threads each wait for one another at every small op (see `one_thread`)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the command-line runs the tests start
 
 
 @pytest.fixture
@@ -31,7 +42,7 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory, image_folder: Path)
     """`train.py -m strategy=freeze,finetune seed=1,2`, tiny, 2 epochs: its multirun folder and printed output."""
     root = tmp_path_factory.mktemp("sweep")
     args = ["-m", *TINY, "strategy=freeze,finetune", "seed=1,2", "data=imagefolder", f"data.root={image_folder}"]
-    result = run_cli(["train.py", *args, "strategy.pretrained=false", "trainer.max_epochs=2"], root)
+    result = run_cli(["train.py", *args, *SMALL_MODEL, "trainer.max_epochs=2"], root)
     assert result.returncode == 0, result.output
     (folder,) = (root / "logs" / "train" / "multiruns").iterdir()
     return folder, result.output

@@ -24,7 +24,7 @@ from finetune.errors import MissingFileError
 from finetune.models import InputConfig
 from finetune.run_status import read_status
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli
 
 STEPS_PER_EPOCH = 6  # 2 classes x 24 images, batch 8
 RUN = [
@@ -233,7 +233,7 @@ def interrupt(tmp_path: Path, image_folder: Path, monkeypatch, signal_number: in
         "data=imagefolder",
         f"data.root={image_folder}",
         *TINY,
-        "strategy.pretrained=false",
+        *SMALL_MODEL,
         "trainer.max_epochs=2",
         "+callbacks.throttle._target_=throttle.Throttle",  # 1 s per step in the last epoch
     ]
@@ -269,7 +269,7 @@ def test_ctrl_c_records_interrupted_and_prints_the_command_that_resumes_the_run(
 
 def test_ctrl_c_before_the_first_checkpoint_prints_the_command_to_start_again(tmp_path, image_folder, monkeypatch):
     """Ctrl-C outside Lightning's fit arrives as a KeyboardInterrupt: the same record, the command as it was typed."""
-    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false", "ckpt_path=last"]
+    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL, "ckpt_path=last"]
     args.append("+callbacks.ctrl_c._target_=ctrl_c.CtrlC")
     with_test_modules(tmp_path, monkeypatch)
     result = run_cli(["train.py", *args], tmp_path)
