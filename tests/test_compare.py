@@ -293,3 +293,13 @@ def test_the_far_data_set_is_written_from_the_package(tmp_path: Path):
     assert counts == {"train": 1438, "test": 359} and len(list((root / "train").iterdir())) == 10
     with Image.open(next((root / "train" / "7").iterdir())) as image:
         assert (image.size, image.mode) == ((32, 32), "RGB")
+
+
+def test_the_new_data_keys_are_checked(tmp_path: Path, image_folder: Path):
+    from finetune.validation import config_problems
+
+    base = ["data=imagefolder", f"data.root={image_folder}"]
+    problems = config_problems(compose_train(tmp_path, [*base, "data.shots=0", "data.min_steps_per_epoch=-1"]))
+    assert "data.shots=0 must be an integer >= 1" in problems
+    assert "data.min_steps_per_epoch=-1 must be an integer >= 0" in problems
+    assert not config_problems(compose_train(tmp_path, [*base, "data.shots=5", "data.min_steps_per_epoch=0"]))

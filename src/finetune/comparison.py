@@ -529,7 +529,8 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
         "- vs best: the mean of the per-seed differences to the best setting (in accuracy points), with its 95 % CI. "
         "For one seed every setting saw the same split, few-shot subset, batch order and augmentation, so the "
         "differences are paired; p is the paired t-test's (scipy.stats.ttest_rel, two-sided), p (Holm) corrected for "
-        f"the {max(0, len(report.settings) - 1)} comparisons with the best. Worse beyond noise: p (Holm) < {ALPHA}. "
+        f"the number of comparisons with the best ({max(0, len(report.settings) - 1)}). Worse beyond noise: "
+        f"p (Holm) < {ALPHA}. "
         "The intervals are each comparison's own (not adjusted): one that excludes 0 with p (Holm) >= 0.05 is a "
         "lead that the number of comparisons does not let us call real.",
         "- mean rank: 1 = the best setting of a seed, averaged over the seeds.",
