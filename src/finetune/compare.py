@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from finetune.builders import build
+from finetune.builders import build, build_datamodule
 from finetune.comparison import JOBS_DIR, PLAN_FILE, REPORT_FILE, Job, write_comparison
 from finetune.config import CONFIG_DIR, PROJECT_ROOT, compose_config, register_resolvers
 from finetune.errors import ConfigError, UserError
@@ -413,7 +413,9 @@ def _run(cfg: DictConfig, folder: Path) -> Path:
                 flush=True,
             )
         else:
-            validate(compose_config(with_setting(task, todo[0]), root))
+            first = compose_config(with_setting(task, todo[0]), root)
+            validate(first)
+            classes = len(build_datamodule(first).classes)  # a missing data folder stops here, not in every job
         write_plan(folder, jobs, command, classes)
         launch(folder, todo, task, passed, cfg.compare.poll_s, estimate)
     else:
