@@ -224,11 +224,10 @@ def pending(folder: Path, jobs: Sequence[Job]) -> list[Job]:
 
 def warm_up(task: Sequence[str], job: Job, root: str, steps: int) -> dict[str, float]:
     """Times a few training steps (every weight training: the most costly strategies) and evaluation batches on
-    the data, and counts its images: what the estimate of the comparison's time is made of. Composing the job's
-    config also validates it, before any job starts."""
+    the data (on the GPU when the jobs get one), and counts its images: what the estimate of the comparison's time
+    is made of."""
     start = time.perf_counter()
     cfg = compose_config(with_setting(task, job), root)
-    validate(cfg)
     # every weight training (the costliest strategies), on all the images (their class counts)
     chosen = ("strategy=", "data.shots=", "callbacks.feature_cache.")
     kept = [o for o in with_setting(task, job) if not o.lstrip("+").startswith(chosen)]
@@ -237,16 +236,21 @@ def warm_up(task: Sequence[str], job: Job, root: str, steps: int) -> dict[str, f
     datamodule.prepare_data()
     datamodule.setup()
     built = time.perf_counter() - start
-    model.train()
+    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = torch.device("cuda" if on_gpu else "cpu")
+    model.to(device).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     train_times, eval_times = [], []
     loader = datamodule.train_dataloader()
     for index, (images, labels) in enumerate(loader):
         tic = time.perf_counter()
+        images, labels = images.to(device), labels.to(device)
         loss = torch.nn.functional.cross_entropy(model(images), labels.long() if labels.dim() == 1 else labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if on_gpu:
+            torch.cuda.synchronize()
         if index > 0:  # the first step pays for allocations
             train_times.append(time.perf_counter() - tic)
         if index >= steps:
@@ -256,7 +260,9 @@ def warm_up(task: Sequence[str], job: Job, root: str, steps: int) -> dict[str, f
     with torch.no_grad():
         for index, (images, _) in enumerate(datamodule.val_dataloader()):
             tic = time.perf_counter()
-            model(images)
+            model(images.to(device))
+            if on_gpu:
+                torch.cuda.synchronize()
             eval_times.append(time.perf_counter() - tic)
             if index >= 1:
                 break
@@ -401,9 +407,18 @@ def _run(cfg: DictConfig, folder: Path) -> Path:
     estimate = math.nan
     if todo:
         root = cfg.paths.root_dir
+        first = compose_config(with_setting(task, todo[0]), root)
+        validate(first)
+        classes = len(build_datamodule(first).classes)  # a missing data folder stops here, not in every job
+        warm = None
         if cfg.compare.estimate:
-            warm = warm_up(task, todo[0], root, cfg.compare.warmup_steps)
-            classes = warm["classes"]
+            try:
+                warm = warm_up(task, todo[0], root, cfg.compare.warmup_steps)
+            except UserError:
+                raise
+            except Exception as err:  # an unusual data path: no estimate, the comparison goes on
+                print(f"[compare] no estimate: the timed warm-up failed ({type(err).__name__}: {err})", flush=True)
+        if warm is not None:
             seconds = [job_seconds(warm, job.shots) for job in todo]
             estimate = sum(seconds) / len(seconds)
             print(
@@ -412,10 +427,6 @@ def _run(cfg: DictConfig, folder: Path) -> Path:
                 "one after another (a parallel launcher divides it)",
                 flush=True,
             )
-        else:
-            first = compose_config(with_setting(task, todo[0]), root)
-            validate(first)
-            classes = len(build_datamodule(first).classes)  # a missing data folder stops here, not in every job
         write_plan(folder, jobs, command, classes)
         launch(folder, todo, task, passed, cfg.compare.poll_s, estimate)
     else:
