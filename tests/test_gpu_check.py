@@ -30,14 +30,6 @@ def composed(stdout: str) -> list[str]:
     return [line.removeprefix("composes: ") for line in stdout.splitlines() if line.startswith("composes: ")]
 
 
-@pytest.fixture
-def cifar(tmp_path) -> Path:
-    """The CIFAR-10 archive a GPU machine gets instead of a download (empty: a dry run only checks that it exists)."""
-    archive = tmp_path / "cifar10-jpg.tar.gz"
-    archive.touch()
-    return archive
-
-
 def wheel(folder: Path, name: str) -> Path:
     """A pure-Python wheel of one module `name` that prints where it was imported from."""
     path = folder / f"{name}-0.1-py3-none-any.whl"
@@ -52,12 +44,31 @@ def wheel(folder: Path, name: str) -> Path:
     return path
 
 
-def test_the_dry_run_prints_every_gpu_command_and_composes_each(tmp_path, cifar):
+def documented_gpu_commands() -> list[str]:
+    return [line.split("  #")[0].strip() for line in doc_commands("docs/scaling-out.md", "## The GPU check")]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, bool]:
+    """The documented dry run (`benchmarks/gpu_check.sh --bundle .whl --dry-run`) as typed, on a bundle of one probe
+    wheel and an empty CIFAR-10 archive, pip pointed at no index: its result, its work folder, and whether
+    BENCHMARKS.md stayed as it was."""
+    root = tmp_path_factory.mktemp("dry_run")
+    bundle = root / ".whl"
+    bundle.mkdir()
+    wheel(bundle, "gpu_check_probe")
+    (bundle / "cifar10-jpg.tar.gz").touch()
     benchmarks_md = BENCHMARKS_MD.read_bytes()
-    result = gpu_check("--dry-run", "--cifar10", str(cifar), "--work", str(tmp_path / "work"))
+    typed = documented_gpu_commands()[1].replace(".whl", str(bundle)).split()[1:]
+    result = gpu_check(*typed, "--work", str(root / "work"), PIP_INDEX_URL="http://127.0.0.1:9/")
+    return result, root / "work", BENCHMARKS_MD.read_bytes() == benchmarks_md
+
+
+def test_the_dry_run_prints_every_gpu_command_and_composes_each(dry_run):
+    result, work, benchmarks_md_unchanged = dry_run
     assert result.returncode == 0, result.stdout + result.stderr
     commands = composed(result.stdout)
-    data, photos = f"data.root={tmp_path}/work/cifar10", f"--data={tmp_path}/work/photos"
+    data, photos = f"data.root={work}/cifar10", f"--data={work}/photos"
     speed = (
         f"--accelerator gpu --sizes 224 --batch-size 256 --warmup 8 --steps 24 {photos} trainer.precision=bf16-mixed"
     )
@@ -95,28 +106,22 @@ def test_the_dry_run_prints_every_gpu_command_and_composes_each(tmp_path, cifar)
         assert f"   {command}" in result.stdout  # printed before the check too
     assert "weights_path" not in result.stdout  # no ResNet-18 weights: random init (strategy.pretrained=false)
     assert "FAILED" not in result.stdout and "never train" not in result.stdout
-    assert BENCHMARKS_MD.read_bytes() == benchmarks_md
-    assert not (tmp_path / "work" / "logs").exists() and not (tmp_path / "work" / "cifar10").exists()
+    assert benchmarks_md_unchanged
+    assert not (work / "logs").exists() and not (work / "cifar10").exists()
 
 
-def test_the_bundle_is_installed_without_an_index_and_gives_the_archive(tmp_path):
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    wheel(bundle, "gpu_check_probe")
-    (bundle / "cifar10-jpg.tar.gz").touch()
-    work = tmp_path / "work"
-    result = gpu_check("--dry-run", "--bundle", str(bundle), "--work", str(work), PIP_INDEX_URL="http://127.0.0.1:9/")
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_the_bundle_is_installed_without_an_index_and_gives_the_archive(dry_run):
+    result, work, _ = dry_run
     assert result.stdout.startswith(f"Installing gpu_check_probe-0.1-py3-none-any.whl into {work}/site\n")
     assert (work / "site" / "gpu_check_probe.py").is_file()
     assert f"data.root={work}/cifar10" in composed(result.stdout)[1]
 
 
-def test_the_documented_gpu_commands_are_what_the_tests_run(tmp_path):
+def test_the_documented_gpu_commands_are_what_the_tests_run():
     """The GPU block of docs/scaling-out.md: `make gpu-bundle` is the Makefile's target for the bundle script (it
-    downloads, so it is not run here), the dry run is run as written on a bundle, the tiny run is the slow test below."""
-    commands = [line.split("  #")[0].strip() for line in doc_commands("docs/scaling-out.md", "## The GPU check")]
-    assert commands == [
+    downloads, so it is not run here), the dry run is run as written on a bundle (`dry_run`), the tiny run is the
+    slow test below."""
+    assert documented_gpu_commands() == [
         "make gpu-bundle",
         "benchmarks/gpu_check.sh --bundle .whl --dry-run",
         "benchmarks/gpu_check.sh --tiny",
@@ -124,14 +129,6 @@ def test_the_documented_gpu_commands_are_what_the_tests_run(tmp_path):
     ]
     assert "gpu-bundle:" in (PROJECT_ROOT / "Makefile").read_text()
     assert "benchmarks/gpu_bundle.sh" in (PROJECT_ROOT / "Makefile").read_text()
-    bundle = tmp_path / ".whl"
-    bundle.mkdir()
-    wheel(bundle, "gpu_check_probe")
-    (bundle / "cifar10-jpg.tar.gz").touch()
-    typed = commands[1].replace(".whl", str(bundle)).split()[1:]
-    result = gpu_check(*typed, "--work", str(tmp_path / "work"), PIP_INDEX_URL="http://127.0.0.1:9/")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "FAILED" not in result.stdout and len(composed(result.stdout)) == 7
 
 
 @pytest.mark.parametrize(
