@@ -152,6 +152,7 @@ def fetch(url: str, body: dict | None = None) -> bytes:
         return response.read()
 
 
+@pytest.mark.slow  # a server and a browser's request (38 s); what MLflow records is tested above in seconds
 def test_mlflow_ui_as_documented_shows_the_run_and_its_config(tmp_path, image_folder, mlflow_root, mlflow_store):
     cfg = tiny_run(tmp_path, image_folder, "logger=mlflow", f"logger.mlflow.tracking_uri={mlflow_store}")
     train(cfg)

@@ -23,6 +23,7 @@ def test_fastai_gets_the_package_imagenet_weights_through_timm(tmp_path):
         torch.testing.assert_close(model.eval()(image), ours.eval()(image).flatten(1))
 
 
+@pytest.mark.slow  # the benchmark's harness end to end (20 s); the peer model's equivalence is tested above
 def test_tiny_benchmark_runs_both_peers_and_tabulates(tmp_path, image_folder, capsys):
     both = importlib.util.find_spec("fastai") is not None  # an optional extra: pip install -e ".[peers]"
     chosen = ["fastai", "ours"] if both else ["ours"]

@@ -220,6 +220,7 @@ def test_datapipe_benchmark_runs(tmp_path):
     assert all(row[3] > 0 and row[4] > 0 for row in rows)
 
 
+@pytest.mark.slow  # the benchmark's command-line runs (17 s); the cache's results are tested above
 def test_feature_cache_benchmark_times_a_cli_run(tmp_path, image_folder):
     from benchmarks import feature_cache
 
