@@ -85,21 +85,6 @@ def test_default_command_offline_says_what_to_fetch(tmp_path, monkeypatch):
     assert "resnet18-f37072fd.pth" in result.output and "model.weights_path=" in result.output
 
 
-def test_multirun_sweeps_lr(tmp_path, image_folder):
-    args = [
-        "-m",
-        "optimizer.lr=1e-3,1e-2",
-        "data=imagefolder",
-        f"data.root={image_folder}",
-        "strategy.pretrained=false",
-    ]
-    result = run_cli(["train.py", *args, *TINY], tmp_path)
-    assert result.returncode == 0, result.output
-    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
-    assert len(re.findall(r"Test accuracy", result.output)) == 2
-
-
 UNFREEZE_AT_1 = ("mobilenetv2_cifar10", "lp_ft", "ulmfit")  # their unfreeze epochs, within 2 epochs
 
 
