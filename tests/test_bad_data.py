@@ -19,7 +19,7 @@ from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, DataError, MissingFileError
 from finetune.models import InputConfig
 from finetune.train import train
-from tests.helpers import TINY, compose_train, make_image_folder
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -189,7 +189,7 @@ def test_skip_bad_images_leaves_them_out_and_lists_them(tmp_path, caplog):
 
 def test_a_run_trains_through_every_case_with_skip_bad_images(tmp_path):
     root = bad_data_folder(tmp_path / "data")
-    overrides = ["data=imagefolder", f"data.root={root}", *TINY, "strategy.pretrained=false", "data.val_fraction=0"]
+    overrides = ["data=imagefolder", f"data.root={root}", *TINY, *SMALL_MODEL, "data.val_fraction=0"]
     metrics = train(compose_train(tmp_path, [*overrides, "data.skip_bad_images=true"]))
     assert 0.0 <= metrics["test/acc"] <= 1.0
     with pytest.raises(ImageReadError, match="truncated.jpg"):  # the same data without the flag

@@ -22,7 +22,7 @@ from finetune.checkpoint import AtomicCheckpointIO
 from finetune.config import PROJECT_ROOT
 from finetune.errors import DiskFullError, UserError
 from finetune.train import train
-from tests.helpers import TINY, compose_train
+from tests.helpers import SMALL_MODEL, TINY, compose_train
 
 # Saves a checkpoint, then dies by SIGKILL half-way through writing the next one to the same path.
 KILLED_MID_SAVE = """
@@ -125,7 +125,7 @@ def test_a_run_whose_disk_fills_up_stops_naming_the_folder_and_its_last_checkpoi
     tmp_path, image_folder, monkeypatch
 ):
     before = fill_disk_once(monkeypatch, tmp_path / "run" / "checkpoints")
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL]
     cfg = compose_train(tmp_path, [*overrides, "trainer.max_epochs=3"])
     with pytest.raises(
         DiskFullError, match=r"cannot save the checkpoint (last|epoch_001)\.ckpt in (\S+): it needs"
@@ -169,7 +169,7 @@ def test_a_nan_stops_the_run_and_the_last_good_checkpoint_stays(tmp_path, image_
         "data=imagefolder",
         f"data.root={image_folder}",
         *TINY,
-        "strategy.pretrained=false",
+        "strategy.pretrained=false",  # ResNet-18: lr 1e6 overflows it (the small backbone stays finite)
         "trainer.max_epochs=3",
         "callbacks.mid_epoch_checkpoint.train_time_interval=null",
         "callbacks.mid_epoch_checkpoint.every_n_train_steps=1",

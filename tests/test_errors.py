@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 import finetune.data.hotdog
 from finetune.builders import build, build_datamodule
 from finetune.errors import ConfigError, DataError, DownloadError, MissingFileError
-from tests.helpers import TINY, compose_train, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli
 
 RESNET18_FILE = "resnet18-f37072fd.pth"
 
@@ -176,9 +176,7 @@ def test_an_unknown_backbone_name_suggests_close_ones(tmp_path, image_folder, ov
 
 
 def setup_data(tmp_path, root):
-    datamodule, _ = build(
-        compose_train(tmp_path, ["data=imagefolder", f"data.root={root}", *TINY, "strategy.pretrained=false"])
-    )
+    datamodule, _ = build(compose_train(tmp_path, ["data=imagefolder", f"data.root={root}", *TINY, *SMALL_MODEL]))
     datamodule.setup("fit")
 
 

@@ -27,7 +27,7 @@ from finetune.builders import instantiate_loggers
 from finetune.errors import MissingPackageError
 from finetune.loggers import MLFlowLogger, hparams
 from finetune.train import finalized, train
-from tests.helpers import TINY, compose_train, doc_commands, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, run_cli
 
 # Keys that tell no runs apart: they must not reach HPARAMS or the trackers' params
 LEFT_OUT = {"_target_", "_partial_", "num_workers", "pin_memory", "persistent_workers", "root", "paths", "ckpt_path"}
@@ -49,7 +49,7 @@ def mlflow_store(mlflow_root: Path) -> str:
 
 def tiny_run(tmp_path: Path, image_folder: Path, *overrides: str):
     """The config of a tiny run, with the `.hydra/` files Hydra writes into a run folder before the run starts."""
-    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false", *overrides]
+    args = ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL, *overrides]
     cfg = compose_train(tmp_path, args)
     hydra_dir = Path(cfg.paths.output_dir) / ".hydra"
     hydra_dir.mkdir(parents=True)
@@ -248,7 +248,7 @@ def test_a_sweep_with_mlflow_is_reported_from_its_run_folders_and_listed_in_mlfl
         "logger=mlflow",
         f"logger.mlflow.tracking_uri={mlflow_store}",
     ]  # 1e6 diverges
-    data = ["data=imagefolder", f"data.root={image_folder}", "strategy.pretrained=false"]
+    data = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL]
     result = run_cli(["train.py", *args, *data, *TINY], tmp_path)
     assert result.returncode == 0, result.output
     (folder,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from finetune.checkpoint import resolve_ckpt_path
 from finetune.config import PROJECT_ROOT
 from finetune.run_dirs import unique_dir
-from tests.helpers import TINY, event_dir, run_cli
+from tests.helpers import SMALL_MODEL, TINY, event_dir, run_cli
 
 # A machine busy with other work: TensorBoard's writer thread lags behind, so whatever a process leaves to that
 # thread when it exits (it is a daemon) is lost unless the writer is closed first.
@@ -32,7 +32,7 @@ main()
 
 @pytest.mark.parametrize("multirun", [False, True], ids=["single run", "last job of a sweep"])
 def test_a_run_s_event_file_is_complete_even_when_its_writer_lags(tmp_path, image_folder, multirun):
-    args = ["data=imagefolder", f"data.root={image_folder}", "strategy.pretrained=false", *TINY]
+    args = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, *TINY]
     sweep = ["-m", "seed=1,2"] if multirun else []
     result = run_cli(["-c", SLOW_WRITER, *sweep, *args], tmp_path)
     assert result.returncode == 0, result.output
@@ -60,7 +60,7 @@ def test_runs_started_together_get_their_own_folders_and_resume_their_own(tmp_pa
     for second in range(60):  # every timestamp these runs can get is taken already: they must take a suffix
         (runs / f"{now + timedelta(seconds=second):%Y-%m-%d_%H-%M-%S}").mkdir(parents=True)
     taken = set(runs.iterdir())
-    args = ["data=imagefolder", f"data.root={image_folder}", "strategy.pretrained=false", *TINY]
+    args = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, *TINY]
     processes = [
         subprocess.Popen(
             [sys.executable, "train.py", *args, f"seed={seed}"],

@@ -12,7 +12,7 @@ from finetune.errors import ConfigError, DownloadError
 from finetune.eval import evaluate
 from finetune.models.backbones import torchvision_backbone
 from finetune.train import build, train
-from tests.helpers import TINY, compose_train
+from tests.helpers import SMALL_MODEL, TINY, compose_train
 
 
 class RunsCode:
@@ -68,7 +68,7 @@ def test_eval_refuses_a_checkpoint_that_runs_code(tmp_path, image_folder, marker
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL]
     OmegaConf.save(OmegaConf.create(overrides), run / ".hydra" / "overrides.yaml")
     ckpt = run / "checkpoints" / "last.ckpt"
     torch.save({"state_dict": {}, "payload": RunsCode(marker)}, ckpt)
@@ -83,7 +83,7 @@ def test_resuming_loads_weights_only(tmp_path, image_folder, marker):
     """train.py reads `ckpt_path` before any work (finetune.checkpoint.check_resumable), and Lightning again before
     the first step, weights-only too (test_training)."""
     torch.save({"epoch": 0, "payload": RunsCode(marker)}, tmp_path / "evil.ckpt")
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL]
     with pytest.raises(ConfigError, match=r"ckpt_path: refusing to load .*evil.ckpt: .*GLOBAL exec"):
         train(compose_train(tmp_path, [*overrides, f"ckpt_path={tmp_path / 'evil.ckpt'}"]))
     assert not marker.exists()

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 
-from tests.helpers import TINY, event_dir, run_cli
+from tests.helpers import SMALL_MODEL, TINY, event_dir, run_cli
 
 
 def test_every_job_of_a_sweep_has_its_run_folder_with_its_overrides(strategy_sweep):
@@ -91,7 +91,13 @@ def test_each_run_logs_its_hyperparameters_with_its_final_metrics_for_the_hparam
 
 
 def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete(tmp_path, image_folder):
-    args = ["-m", "optimizer.lr=1e-2,1e6", "data=imagefolder", f"data.root={image_folder}", "strategy.pretrained=false"]
+    args = [
+        "-m",
+        "optimizer.lr=1e-2,1e6",
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        "strategy.pretrained=false",
+    ]  # ResNet-18: lr 1e6 diverges
     result = run_cli(["train.py", *args, *TINY], tmp_path)
     assert result.returncode == 0, result.output
     assert "job 1 failed, the sweep goes on" in result.output
@@ -115,7 +121,7 @@ def test_a_diverging_job_is_recorded_as_failed_and_the_sweep_and_report_complete
 
 def test_optuna_searches_lr_and_head_lr_mult_for_the_best_val_acc(tmp_path, image_folder):
     args = ["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", "data=imagefolder", f"data.root={image_folder}"]
-    result = run_cli(["train.py", *args, "strategy.pretrained=false", *TINY], tmp_path)
+    result = run_cli(["train.py", *args, *SMALL_MODEL, *TINY], tmp_path)
     assert result.returncode == 0, result.output
     (folder,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     trials = [yaml.safe_load((folder / job / ".hydra" / "overrides.yaml").read_text()) for job in "01"]

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 from finetune.builders import build
 from finetune.finetuning import StageUnfreezing
 from finetune.train import train
-from tests.helpers import TINY, compose_train
+from tests.helpers import SMALL_MODEL, TINY, compose_train
 
 
 def checkpoint(run_dir: Path, name: str = "last.ckpt") -> dict:
@@ -41,9 +41,7 @@ def fit(tmp_path: Path, image_folder: Path, *overrides: str):
 def test_every_strategy_fits(tmp_path, image_folder, strategy):
     extra = ["strategy.unfreeze_at=[1]"] if strategy == "freeze_unfreeze" else []
     extra += ["strategy.unfreeze_at=[1]"] if strategy == "gradual" else []
-    cfg, metrics = fit(
-        tmp_path, image_folder, f"strategy={strategy}", "strategy.pretrained=false", "trainer.max_epochs=2", *extra
-    )
+    cfg, metrics = fit(tmp_path, image_folder, f"strategy={strategy}", *SMALL_MODEL, "trainer.max_epochs=2", *extra)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and np.isfinite(metrics["train/loss_epoch"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
@@ -96,7 +94,7 @@ def _backbone_delta(tmp_path: Path, image_folder: Path, backbone_lr_mult: float)
         "strategy=freeze_unfreeze",
         "strategy.unfreeze_at=[1]",
         f"strategy.backbone_lr_mult={backbone_lr_mult}",
-        "strategy.pretrained=false",
+        *SMALL_MODEL,
         "optimizer.weight_decay=0",
         "trainer.max_epochs=2",
         "+trainer.limit_train_batches=1",
@@ -127,7 +125,7 @@ def test_resumed_run_after_the_unfreeze_epoch_is_still_unfrozen(tmp_path, image_
     common = [
         "strategy=freeze_unfreeze",
         "strategy.unfreeze_at=[1]",
-        "strategy.pretrained=false",
+        *SMALL_MODEL,
         "callbacks.model_checkpoint.save_top_k=-1",
     ]
     fit(tmp_path, image_folder, *common, "trainer.max_epochs=2")
@@ -197,7 +195,7 @@ def test_fake_cifar10_in_torchvision_format(tmp_path, monkeypatch):
 
 
 def test_csv_logger_records_the_final_metrics(tmp_path, image_folder):
-    _, metrics = fit(tmp_path, image_folder, "logger=csv", "strategy.pretrained=false")
+    _, metrics = fit(tmp_path, image_folder, "logger=csv", *SMALL_MODEL)
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"test/acc", "val/acc", "train/loss_epoch", "lr-SGD/head"} <= set(header)
     assert "optimizer" in (tmp_path / "run" / "csv" / "hparams.yaml").read_text()

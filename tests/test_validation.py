@@ -8,7 +8,7 @@ import finetune.train
 from finetune.errors import ConfigError
 from finetune.train import train
 from finetune.validation import config_problems, validate
-from tests.helpers import TINY, compose_train, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, run_cli
 
 BAD = {
     "optimizer.lr=0": "optimizer.lr=0 must be > 0",
@@ -92,7 +92,7 @@ def test_the_shipped_configs_are_valid(tmp_path, overrides):
 
 def test_a_batch_larger_than_the_training_set_with_drop_last_stops_before_training(tmp_path, image_folder):
     # 24 training images, 10% of them for validation: 22 left to train on
-    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, "strategy.pretrained=false"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", *TINY, *SMALL_MODEL]
     cfg = compose_train(tmp_path, [*overrides, "data.batch_size=64", "data.drop_last=true"])
     with pytest.raises(ConfigError, match=r"data.batch_size=64 is larger than the 22 training images and data.drop_l"):
         train(cfg)
