@@ -214,6 +214,12 @@ def _p(value: float) -> str:
     return "< 0.001" if value < 0.001 else f"{value:.2g}"
 
 
+def _p_is(value: float) -> str:
+    """`= 0.01`, or `< 0.001`."""
+    text = _p(value)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = None) -> str:
     """One paragraph that says what the numbers support: the best setting, which ones are worse beyond noise,
     which are within it, and when more seeds would be needed to decide. `cost`: fit time per setting (s)."""
@@ -233,11 +239,11 @@ def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = No
     worse = [r for r in rows[1:] if r.significant]
     close = [r for r in rows[1:] if not r.significant]
     parts = [
-        f"`{r.setting}` is within noise of it ({_points(r.diff)} ± {100 * r.diff_half:.1f} points, Holm p = {_p(r.p_holm)})"
+        f"`{r.setting}` is within noise of it ({_points(r.diff)} ± {100 * r.diff_half:.1f} points, Holm p {_p_is(r.p_holm)})"
         for r in close
     ]
     parts += [
-        f"`{r.setting}` is {100 * -r.diff:.1f} ± {100 * r.diff_half:.1f} points worse (Holm p = {_p(r.p_holm)})"
+        f"`{r.setting}` is {100 * -r.diff:.1f} ± {100 * r.diff_half:.1f} points worse (Holm p {_p_is(r.p_holm)})"
         for r in worse
     ]
     text = head + "; " + "; ".join(parts) + "."
