@@ -20,7 +20,7 @@ from finetune.comparison import main as comparison_main
 from finetune.data.datamodule import ImageFolderDataModule, few_shot
 from finetune.data.sampling import SeededSampler
 from finetune.models.backbones import InputConfig
-from tests.helpers import TINY, compose_train, doc_commands, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, make_image_folder, run_cli
 
 T_975_DF2 = 4.302653
 
@@ -134,20 +134,20 @@ def test_settings_of_a_seed_see_the_same_data(tmp_path: Path, image_folder: Path
 
 
 def readme_command(image_folder: Path) -> list[str]:
-    """README's compare.py command on the tiny folder, with the tiny recipe (random init, one epoch)."""
+    """README's compare.py command on the tiny folder, with the tiny recipe (the small backbone, one epoch)."""
     lines = doc_commands("README.md", "## Compare strategies on your data")
     (command,) = [line for line in lines if "compare.py" in line]
     args = command.split()[1:]  # python compare.py ... as typed
     args = [f"data.root={image_folder}" if a.startswith("data.root=") else a for a in args]
-    return [*args, *TINY[:1], "optimizer=sgd", "scheduler=none", "strategy.pretrained=false", "trainer.max_epochs=1"]
+    return [*args, *TINY[:1], "optimizer=sgd", "scheduler=none", *SMALL_MODEL, "trainer.max_epochs=1"]
 
 
 def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_thread):
     """The README command on a tiny folder: a comparison with its estimate and progress line; the same command
     again runs no job."""
-    args, tiny = readme_command(image_folder), []
+    args = readme_command(image_folder)
     quick = ["compare.strategies=[freeze,finetune]", "compare.seeds=2", "compare.poll_s=0.5"]
-    first = run_cli([*args, *tiny, *quick], tmp_path)
+    first = run_cli([*args, *quick], tmp_path)
     assert first.returncode == 0, first.output
     assert "[compare] 4 jobs (2 settings x 2 seeds)" in first.output and "estimate: at most" in first.output
     assert "[compare] 4 done, 0 failed, 0 left of 4" in first.output
@@ -160,7 +160,7 @@ def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_
     stamps = {p: p.stat().st_mtime for p in folder.glob("jobs/*/status.json")}
     assert len(stamps) == 4
 
-    again = run_cli([*args, *tiny, *quick], tmp_path)
+    again = run_cli([*args, *quick], tmp_path)
     assert again.returncode == 0, again.output
     assert "4 completed already, 0 to run" in again.output
     assert {p: p.stat().st_mtime for p in folder.glob("jobs/*/status.json")} == stamps

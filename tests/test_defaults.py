@@ -25,7 +25,10 @@ from tests.helpers import compose_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEFAULTS = ["debug=tiny", "trainer.max_epochs=2"]  # freeze_unfreeze unfreezes at epoch 1: both phases run
+# freeze_unfreeze unfreezes at epoch 1: both phases run; debug=tiny's one pass per epoch undone (the step budget a
+# user gets: a small split is passed over again)
+MIN_STEPS = OmegaConf.load(Path(CONFIG_DIR) / "data" / "_loader.yaml").min_steps_per_epoch
+DEFAULTS = ["debug=tiny", "trainer.max_epochs=2", f"data.min_steps_per_epoch={MIN_STEPS}"]
 SMALL = ["model=timm", "model.name=mobilenetv3_small_050", "strategy.pretrained=false"]  # no weights needed
 PRETRAINED = ["model=efficientnet_lite0"]  # ImageNet weights, offline
 

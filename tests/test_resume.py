@@ -142,8 +142,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
 
 @pytest.mark.parametrize(
     "store",
-    [{}, {"store": True, "augment_on": "device"}],  # the store's crop boxes and flips, drawn per sample in the workers
-    ids=["files", "store-device-crop"],
+    [
+        {},
+        {"store": True, "augment_on": "device"},  # the store's crop boxes and flips, drawn per sample in the workers
+        {"min_steps_per_epoch": 10},  # a small split passed over again within an epoch (conf's default is 20)
+    ],
+    ids=["files", "store-device-crop", "repeated-passes"],
 )
 def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images, store):
     config = InputConfig(32, (0.5,) * 3, (0.5,) * 3)
@@ -164,11 +168,13 @@ def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images, store):
         torch.testing.assert_close(epoch(main, number), epoch(workers, number), rtol=0, atol=0)
     assert not torch.equal(epoch(main, 0)[0], epoch(main, 1)[0])  # a new shuffle and new crops each epoch
 
+    steps = max(STEPS_PER_EPOCH, store.get("min_steps_per_epoch", 0))
+    assert len(epoch(main, 0)) == steps
     resumed = loader(0)
     resumed.load_state_dict({"epoch": 1, "batches": 2})
     torch.testing.assert_close(epoch(resumed, 1), epoch(main, 1)[2:], rtol=0, atol=0)
-    assert resumed.state_dict() == {"epoch": 1, "batches": STEPS_PER_EPOCH}
-    assert len(epoch(resumed, 2)) == STEPS_PER_EPOCH  # the skip applies to its own epoch only
+    assert resumed.state_dict() == {"epoch": 1, "batches": steps}
+    assert len(epoch(resumed, 2)) == steps  # the skip applies to its own epoch only
 
 
 def test_two_ranks_together_see_what_one_process_sees():
