@@ -16,7 +16,7 @@ from finetune.builders import build_datamodule
 from finetune.config import PROJECT_ROOT
 from finetune.models.module import FineTuneModule
 from finetune.train import train
-from tests.helpers import TINY, compose_train, doc_commands, doc_section, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, doc_section, run_cli
 
 
 def resize_of(transform: v2.Compose) -> v2.Resize:
@@ -64,7 +64,7 @@ def test_a_checkpoint_rebuilds_its_model_from_itself_alone(tmp_path, image_folde
 
 def test_debug_configs_run_the_pipeline(tmp_path, image_folder):
     data = ["data=imagefolder", f"data.root={image_folder}", "data.image_size=32", "data.batch_size=4"]
-    data += ["strategy.pretrained=false"]
+    data += SMALL_MODEL
     fdr = train(compose_train(tmp_path / "fdr", [*data, "debug=fdr"]))
     assert "test/acc" in fdr and not (tmp_path / "fdr" / "run" / "checkpoints").exists()  # fast_dev_run saves none
     train(compose_train(tmp_path / "limit", [*data, "debug=limit"]))
