@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.train import train
-from tests.helpers import TINY, compose_train, doc_commands, event_dir, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, event_dir, run_cli
 
 
 def printed_accuracy(output: str) -> float:
@@ -92,7 +92,7 @@ def test_experiments_run(tmp_path, image_folder, experiment):
         [
             f"experiment={experiment}",
             f"data.root={image_folder}",
-            "strategy.pretrained=false",
+            *SMALL_MODEL,  # the experiments' backbones train in tests/test_training.py
             "debug=tiny",  # not TINY's plain recipe: each experiment pins its own
             "trainer.max_epochs=2",
         ]

@@ -146,6 +146,7 @@ def test_a_missing_bundle_or_archive_is_named(tmp_path, args, error):
     assert result.stderr == f"Error: {error.format(tmp=tmp_path)}\n"
 
 
+@pytest.mark.slow  # the script's --tiny run (14 s); its dry run, in the default suite, composes every step
 def test_a_step_that_no_longer_fits_the_budget_is_skipped_and_said_so(tmp_path):
     result = gpu_check("--tiny", "--work", str(tmp_path), "--budget", "1")
     assert result.returncode == 0, result.stdout + result.stderr

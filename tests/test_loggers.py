@@ -276,7 +276,7 @@ def test_runs_started_together_into_one_new_store_all_log(tmp_path, logger):
     """Jobs of a parallel launcher or a SLURM array, one new FINETUNE_ROOT: MLflow's first-use migration of the
     SQLite store ran in each at once (all exited 1, `duplicate column name: step`, the store left unreadable);
     W&B's offline runs share its config and cache folders (about 10 s of CPU per job)."""
-    jobs = 3
+    jobs = 2  # the race needs two
     paths = [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]  # tests.parallel_logger
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(paths)}
     env |= {

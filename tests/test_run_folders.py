@@ -30,7 +30,11 @@ main()
 """
 
 
-@pytest.mark.parametrize("multirun", [False, True], ids=["single run", "last job of a sweep"])
+@pytest.mark.parametrize(
+    "multirun",
+    [pytest.param(False, marks=pytest.mark.slow), True],  # both close the writers in train(): one in the default suite
+    ids=["single run", "last job of a sweep"],
+)
 def test_a_run_s_event_file_is_complete_even_when_its_writer_lags(tmp_path, image_folder, multirun):
     args = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, *TINY]
     sweep = ["-m", "seed=1,2"] if multirun else []
