@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from benchmarks._common import DATASETS, QUIET, ROOT, StepClock, benchmark_parser, fit, machine, table
 from finetune.config import compose_config
-from finetune.report import _mean_and_std, _mean_std
+from finetune.report import mean_and_std, mean_std
 
 BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 SIZES = {"hotdog64": 128, "seefood512": 224}  # image size per data set (hotdog64's photos are 64 px)
@@ -124,7 +124,7 @@ def plot(rows: list[dict[str, Any]]) -> Figure:
     datasets = list(dict.fromkeys(row["data"] for row in rows))
     strategies = list(dict.fromkeys(row["strategy"] for row in rows))
     for (data, strategy), members in series.items():
-        means, stds = zip(*(_mean_and_std(r["test_accs"])[:2] for r in members), strict=True)
+        means, stds = zip(*(mean_and_std(r["test_accs"])[:2] for r in members), strict=True)
         style = {
             "color": f"C{datasets.index(data) % 10}",
             "marker": "os^vD"[strategies.index(strategy) % 5],
@@ -155,7 +155,7 @@ def report(results: list[dict[str, Any]], plot_path: Path) -> list[dict[str, Any
     rows = summary(results)
     headers = ["data", "backbone", "params (M)", "strategy", "test acc", "training images/s"]
     cells = [
-        [r["data"], r["backbone"], f"{r['params_m']:.2f}", r["strategy"], _mean_std(r["test_accs"]), r["images_per_s"]]
+        [r["data"], r["backbone"], f"{r['params_m']:.2f}", r["strategy"], mean_std(r["test_accs"]), r["images_per_s"]]
         for r in rows
     ]
     seeds = len(rows[0]["test_accs"])

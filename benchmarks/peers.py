@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks._common import DATASETS, QUIET, ROOT, benchmark_parser, fit, machine, table
 from benchmarks.strategies import cifar10_subset
-from finetune.report import _mean_and_std
+from finetune.report import mean_and_std
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def summary(results: list[dict[str, object]]) -> str:
             if not runs:
                 cells += [None, None]
                 continue
-            mean, std, count = _mean_and_std([r["test_acc"] for r in runs])
+            mean, std, count = mean_and_std([r["test_acc"] for r in runs])
             cells += [f"{mean:.3f} ± {std:.3f} ({count})", statistics.mean(r["fit_s"] for r in runs)]
         rows.append(cells)
     return table(["data set", "fastai test acc", "fastai fit (s)", "ours test acc", "ours fit (s)"], rows)

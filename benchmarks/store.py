@@ -26,7 +26,7 @@ from benchmarks.backbones import NO_CHECKPOINTS, TINY, TINY_DATA, run
 from benchmarks.strategies import cifar10_subset
 from finetune.builders import build
 from finetune.config import compose_config
-from finetune.report import _mean_std
+from finetune.report import mean_std
 
 DATASET_NAMES = ["seefood512-128", "seefood512-224", "cifar10-128"]
 
@@ -61,7 +61,7 @@ def summary(results: list[dict[str, Any]]) -> list[list[object]]:
                 [
                     name,
                     "store" if store else "JPEG",
-                    _mean_std([r["test_acc"] for r in members]),
+                    mean_std([r["test_acc"] for r in members]),
                     fit_s[store],
                     f"{fit_s[store] / fit_s[False]:.2f}",
                     statistics.mean(r["images_per_s"] for r in members),

@@ -337,9 +337,10 @@ class Report:
             writer.add_image(f"{prefix}/{Path(name).stem}", pixels, step, dataformats="HWC")
 
 
-def render(figure: Figure, dpi: int = 100) -> np.ndarray:
-    """The figure's pixels (H, W, 3), drawn once: the layout engine and drawing are most of a report's time."""
-    figure.set_dpi(dpi)
+def render(figure: Figure) -> np.ndarray:
+    """The figure's pixels (H, W, 3) at 100 dpi, drawn once: the layout engine and drawing are most of a report's
+    time."""
+    figure.set_dpi(100)
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()

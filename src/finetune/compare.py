@@ -32,7 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from finetune.builders import build, build_datamodule
 from finetune.comparison import JOBS_DIR, PLAN_FILE, REPORT_FILE, Job, write_comparison
-from finetune.config import CONFIG_DIR, PROJECT_ROOT, compose_config, register_resolvers
+from finetune.config import CONFIG_DIR, PROJECT_ROOT, compose_config
 from finetune.errors import ConfigError, UserError
 from finetune.run_status import read_status
 from finetune.validation import validate
@@ -47,6 +47,11 @@ MANAGED = {"seed": "compare.seeds", "data.shots": "compare.shots"}
 OWN_HYDRA = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.searchpath", "hydra.output_subdir")
 
 
+def _name(text: str) -> str:
+    """A job name part: letters, digits, `_`, `.` and `-` only (a config name and a folder name)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))
+
+
 def comparison_name() -> str:
     """`${comparison_name:}`: the comparison folder's name, `<data>-<hash>`: the data's folder (or config) and a
     hash of the command's overrides but the compare.* keys, so that adding seeds or settings finds the same folder."""
@@ -55,20 +60,11 @@ def comparison_name() -> str:
     values = dict(o.split("=", 1) for o in kept if "=" in o)
     data = Path(values["data.root"]).name if values.get("data.root") else values.get("data", "hotdog")
     digest = hashlib.sha1("\n".join(kept).encode()).hexdigest()[:8]
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', data)}-{digest}"
+    return f"{_name(data)}-{digest}"
 
 
-def register_comparison_resolvers() -> None:
-    register_resolvers()
-    OmegaConf.register_new_resolver("comparison_name", comparison_name, replace=True)
-
-
-register_comparison_resolvers()
-
-
-def _name(text: str) -> str:
-    """A job name part: letters, digits, `_`, `.` and `-` only (a config name and a folder name)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))
+# conf/compare.yaml's folder name; finetune.config registered the resolvers every config uses when imported
+OmegaConf.register_new_resolver("comparison_name", comparison_name, replace=True)
 
 
 def settings(cfg: DictConfig) -> dict[str, list[str]]:
@@ -222,12 +218,12 @@ def pending(folder: Path, jobs: Sequence[Job]) -> list[Job]:
     return todo
 
 
-def warm_up(task: Sequence[str], job: Job, root: str, steps: int) -> dict[str, float]:
+def warm_up(cfg: DictConfig, task: Sequence[str], job: Job, steps: int) -> dict[str, float]:
     """Times a few training steps (every weight training: the most costly strategies) and evaluation batches on
     the data (on the GPU when the jobs get one), and counts its images: what the estimate of the comparison's time
-    is made of."""
+    is made of. `cfg`: the job's composed config."""
     start = time.perf_counter()
-    cfg = compose_config(with_setting(task, job), root)
+    root = cfg.paths.root_dir
     # every weight training (the costliest strategies), on all the images (their class counts)
     chosen = ("strategy=", "data.shots=", "callbacks.feature_cache.")
     kept = [o for o in with_setting(task, job) if not o.lstrip("+").startswith(chosen)]
@@ -396,7 +392,7 @@ def _run(cfg: DictConfig, folder: Path) -> Path:
     task, passed = user_overrides(cfg)
     jobs = plan(cfg)
     todo = pending(folder, jobs)
-    seeds_n, settings_n, shots_n = len(seeds(cfg)), len(settings(cfg)), len(shots(cfg))
+    seeds_n, settings_n, shots_n = (len({getattr(job, key) for job in jobs}) for key in ("seed", "setting", "shots"))
     print(
         f"[compare] {len(jobs)} jobs ({settings_n} settings x {seeds_n} seeds"
         + (f" x {shots_n} shots" if shots_n > 1 else "")
@@ -413,7 +409,7 @@ def _run(cfg: DictConfig, folder: Path) -> Path:
         warm = None
         if cfg.compare.estimate:
             try:
-                warm = warm_up(task, todo[0], root, cfg.compare.warmup_steps)
+                warm = warm_up(first, task, todo[0], cfg.compare.warmup_steps)
             except UserError:
                 raise
             except Exception as err:  # an unusual data path: no estimate, the comparison goes on

@@ -21,14 +21,14 @@ import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 from scipy import stats
 
-from finetune.report import load_run, markdown_table
+from finetune.report import fmt, load_run, markdown_table, mean_and_std
 from finetune.run_status import read_status
 
 PLAN_FILE = "jobs.json"  # what compare.py planned: every job's name, setting, seed, shots and overrides
@@ -49,13 +49,7 @@ class Job:
     overrides: list[str]
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "setting": self.setting,
-            "seed": self.seed,
-            "shots": self.shots,
-            "overrides": self.overrides,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -68,7 +62,6 @@ class Result:
     test_acc: float = math.nan
     test_macro_f1: float = math.nan
     fit_time_s: float = math.nan
-    wall_time_s: float = math.nan
     peak_memory_mb: float = math.nan
     peak_gpu_memory_mb: float = math.nan
     steps: float = math.nan
@@ -283,7 +276,6 @@ def load_result(folder: Path, job: Job) -> Result:
         test_acc=run.test_acc,
         test_macro_f1=run.test_macro_f1,
         fit_time_s=number("fit_time_s"),
-        wall_time_s=run.wall_time_s,
         peak_memory_mb=number("peak_memory_mb"),
         peak_gpu_memory_mb=number("peak_gpu_memory_mb"),
         steps=number("steps"),
@@ -301,10 +293,6 @@ def shots_label(shots: int | None) -> str:
     return "all" if shots is None else str(shots)
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    return "-" if math.isnan(value) else f"{value:.{digits}f}"
-
-
 def _ci(mean: float, half: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "-"
@@ -312,8 +300,7 @@ def _ci(mean: float, half: float, digits: int = 3) -> str:
 
 
 def _mean(values: Sequence[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return statistics.fmean(values) if values else math.nan
+    return mean_and_std(values)[0]
 
 
 @dataclass
@@ -374,9 +361,7 @@ def comparison_table(report: Report, shots: int | None) -> str:
     for row in comparison.rows:
         done = report.of(row.setting, shots)
         memory = _mean([r.peak_gpu_memory_mb for r in done])
-        memory_text = (
-            f"{memory:.0f} GPU" if not math.isnan(memory) else _fmt(_mean([r.peak_memory_mb for r in done]), 0)
-        )
+        memory_text = f"{memory:.0f} GPU" if not math.isnan(memory) else fmt(_mean([r.peak_memory_mb for r in done]), 0)
         rows.append(
             [
                 f"**{row.setting}**" if row.best else row.setting,
@@ -389,8 +374,8 @@ def comparison_table(report: Report, shots: int | None) -> str:
                 else f"{_points(row.diff)} ± {100 * row.diff_half:.1f}",
                 "" if row.best else _p(row.p),
                 "" if row.best else _p(row.p_holm),
-                _fmt(row.rank, 1),
-                _fmt(_mean([r.fit_time_s for r in done]), 0),
+                fmt(row.rank, 1),
+                fmt(_mean([r.fit_time_s for r in done]), 0),
                 memory_text,
                 budget(done),
             ]
@@ -415,10 +400,10 @@ def jobs_table(report: Report) -> str:
             str(r.job.seed),
             shots_label(r.job.shots),
             r.status,
-            _fmt(r.test_acc),
-            _fmt(r.test_macro_f1),
-            _fmt(r.fit_time_s, 0),
-            _fmt(r.steps, 0),
+            fmt(r.test_acc),
+            fmt(r.test_macro_f1),
+            fmt(r.fit_time_s, 0),
+            fmt(r.steps, 0),
         ]
         for r in report.results
     ]
@@ -526,7 +511,7 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
     text = "\n".join(summary).rstrip() + "\n"
     plots = {
         "differences.png": plot_differences(report),
-        "learning_curve.png": plot_learning_curve(report, classes(folder)),
+        "learning_curve.png": plot_learning_curve(report, plan.get("classes")),
     }
     method = [
         "## How to read this",
@@ -555,12 +540,6 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
     body = text + "\n" + "\n".join(method) + "\n\n## Jobs\n\n" + jobs_table(report) + "\n"
     (folder / REPORT_FILE).write_text(body)
     return text
-
-
-def classes(folder: Path) -> int | None:
-    """The number of classes, from a completed job's saved settings (for images per class on the curve)."""
-    plan = json.loads((folder / PLAN_FILE).read_text())
-    return plan.get("classes")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -166,7 +166,7 @@ def setting(run: Run, keys: Sequence[str], ignore: Sequence[str] = GROUPED_OUT) 
     return " ".join(f"{k}={_value(run.overrides.get(k))}" for k in keys if k not in ignore) or "all runs"
 
 
-def _fmt(value: float, digits: int = 3) -> str:
+def fmt(value: float, digits: int = 3) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
@@ -184,11 +184,11 @@ def runs_table(runs: Sequence[Run]) -> str:
         [
             run.name,
             *(_value(run.overrides.get(k)) for k in keys),
-            _fmt(run.best_val_acc),
-            _fmt(run.test_acc),
-            _fmt(run.test_macro_f1),
+            fmt(run.best_val_acc),
+            fmt(run.test_acc),
+            fmt(run.test_macro_f1),
             str(run.epochs),
-            _fmt(run.wall_time_s, 0),
+            fmt(run.wall_time_s, 0),
             f"{run.status}, collapsed" if run.collapsed else run.status,
         ]
         for run in runs
@@ -196,7 +196,7 @@ def runs_table(runs: Sequence[Run]) -> str:
     return markdown_table(header, rows)
 
 
-def _mean_and_std(values: Sequence[float]) -> tuple[float, float, int]:
+def mean_and_std(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean, sample std (0 for one value) and count of the values that are not NaN."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
@@ -204,9 +204,9 @@ def _mean_and_std(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    mean, std, count = _mean_and_std(values)
-    return _fmt(mean) if count < 2 else f"{mean:.3f} ± {std:.3f}"
+def mean_std(values: Sequence[float]) -> str:
+    mean, std, count = mean_and_std(values)
+    return fmt(mean) if count < 2 else f"{mean:.3f} ± {std:.3f}"
 
 
 def groups(runs: Sequence[Run], ignore: Sequence[str] = GROUPED_OUT) -> dict[str, list[Run]]:
@@ -234,10 +234,10 @@ def summary_table(runs: Sequence[Run]) -> str:
             [
                 label,
                 f"{len(done)}/{len(members)}",
-                _mean_std([r.best_val_acc for r in done]),
-                _mean_std([r.test_acc for r in done]),
-                _mean_std([r.test_macro_f1 for r in done]),
-                _fmt(statistics.mean(r.wall_time_s for r in done), 0) if done else "-",
+                mean_std([r.best_val_acc for r in done]),
+                mean_std([r.test_acc for r in done]),
+                mean_std([r.test_macro_f1 for r in done]),
+                fmt(statistics.mean(r.wall_time_s for r in done), 0) if done else "-",
             ]
         )
     return markdown_table(header, rows)
@@ -312,7 +312,7 @@ def plot_strategies(runs: Sequence[Run]) -> Figure | None:
     for label, members in groups(runs).items():
         done = [r for r in members if r.status == "completed"]
         labels.append(label.replace(" ", "\n"))
-        stats.append([_mean_and_std([getattr(r, key) for r in done])[:2] for key in ("best_val_acc", "test_acc")])
+        stats.append([mean_and_std([getattr(r, key) for r in done])[:2] for key in ("best_val_acc", "test_acc")])
     fig = Figure(figsize=(max(6.0, 1.3 * len(labels)), 4.5), layout="constrained")
     ax = fig.subplots()
     width = 0.4
@@ -345,7 +345,7 @@ def write_report(folder: str | os.PathLike) -> str:
     if best is not None:
         parts += [
             "",
-            f"## Best run: {best.name} (best val acc {best.best_val_acc:.3f}, test acc {_fmt(best.test_acc)})",
+            f"## Best run: {best.name} (best val acc {best.best_val_acc:.3f}, test acc {fmt(best.test_acc)})",
         ]
         figures = error_figures(best)
         for caption, path in figures.items():
