@@ -62,20 +62,20 @@ class SeededSampler(DistributedSampler):
 
     def draws(self) -> list[tuple[int, int]]:
         """This rank's whole share of the epoch, as `(index, augmentation seed)`. The first pass over the data is
-        DistributedSampler's permutation; further passes (`min_draws`) have their own permutations and seeds."""
-        seeds = augmentation_seeds(self.seed, self.epoch, len(self.dataset))
-        if self.min_draws <= len(self.dataset):
-            return [(index, int(seeds[index])) for index in super().__iter__()]
+        DistributedSampler's permutation, padded as it pads; further passes (`min_draws`) have their own
+        permutations and seeds."""
         size = len(self.dataset)
+        seeds = augmentation_seeds(self.seed, self.epoch, size)
         generator = torch.Generator().manual_seed(self.seed + self.epoch)  # as DistributedSampler's shuffle
         order = [(index, int(seeds[index])) for index in torch.randperm(size, generator=generator).tolist()]
-        passes = math.ceil(self.total_size / size)
+        passes = math.ceil(self.total_size / size) if self.min_draws > size else 1
         for again in range(1, passes):
             state = np.random.SeedSequence([self.seed, self.epoch, again]).generate_state(2, np.uint64)
             generator.manual_seed(int(state[0]))
             more = np.random.SeedSequence([self.seed, self.epoch, again, 1]).generate_state(size, np.uint64)
             order += [(index, int(more[index])) for index in torch.randperm(size, generator=generator).tolist()]
-        return order[: self.total_size][self.rank :: self.num_replicas]
+        order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]  # DistributedSampler's padding
+        return order[self.rank :: self.num_replicas]
 
 
 class BalancedSampler(SeededSampler):
