@@ -34,18 +34,38 @@ log = logging.getLogger(__name__)
 IMBALANCE_WARNING = 3.0
 
 
-def read_labels(dataset: Dataset, indices: Iterable[int]) -> list[int]:
-    """The labels of some samples, read from the dataset's `targets` (ImageFolder, torchvision) without decoding."""
+# A sample's label: its class index, or a multi-label image's classes (`finetune.data.multilabel`), any number
+Label = int | tuple[int, ...]
+
+
+def read_labels(dataset: Dataset, indices: Iterable[int]) -> list[Label]:
+    """The labels of some samples, read from the dataset's `targets` (ImageFolder, torchvision, the multi-label
+    CSVs) without decoding."""
     targets = getattr(dataset, "targets", None)
     if targets is None:
         return [dataset[index][1] for index in indices]
-    return [int(targets[index]) for index in indices]
+    return [label if isinstance(label := targets[index], tuple) else int(label) for index in indices]
 
 
-def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> list[list[int]]:
+def classes_of(label: Label) -> tuple[int, ...]:
+    """The classes a sample belongs to: one, or a multi-label image's (none to all)."""
+    return label if isinstance(label, tuple) else (label,)
+
+
+def count_classes(labels: Iterable[Label], num_classes: int) -> list[int]:
+    """How many of the samples belong to each class (a multi-label image counts for each of its classes)."""
+    counts = [0] * num_classes
+    for label in labels:
+        for index in classes_of(label):
+            counts[index] += 1
+    return counts
+
+
+def stratified_folds(labels: Sequence[Label], folds: int, seed: int) -> list[list[int]]:
     """The sample indices of each of `folds` folds, for cross-validation: each class's samples, shuffled by `seed`,
     are dealt round-robin, one class after the other, so every fold keeps each class's share (its count differs
-    by at most 1 between folds), the folds' sizes differ by at most 1, and the same seed gives the same folds."""
+    by at most 1 between folds), the folds' sizes differ by at most 1, and the same seed gives the same folds.
+    Multi-label images are stratified by their set of classes (each set a stratum: the label powerset)."""
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(label, []).append(index)
@@ -60,17 +80,22 @@ def stratified_folds(labels: Sequence[int], folds: int, seed: int) -> list[list[
     return [sorted(fold) for fold in dealt]
 
 
-def few_shot(labels: Sequence[int], shots: int, seed: int) -> list[int]:
+def few_shot(labels: Sequence[Label], shots: int, seed: int) -> list[int]:
     """The positions of `shots` samples of each class (all of a class with fewer), by a seeded order of the
-    samples that does not depend on `shots`: the 5 of one seed are among its 10 (nested subsets)."""
+    samples that does not depend on `shots`: the 5 of one seed are among its 10 (nested subsets).
+
+    A multi-label image is taken while one of its classes has fewer than `shots`, and counts for each of them:
+    every class gets at least `shots` images (all it has, if fewer), a class that shares images with others may
+    get more, and images without a label are left out. The subsets stay nested."""
     state = int(np.random.SeedSequence([seed, 5]).generate_state(1, np.uint64)[0])
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(state)).tolist()
     taken: dict[int, int] = {}
     chosen = []
     for position in order:
-        label = labels[position]
-        if taken.get(label, 0) < shots:
-            taken[label] = taken.get(label, 0) + 1
+        classes = classes_of(labels[position])
+        if any(taken.get(label, 0) < shots for label in classes):
+            for label in classes:
+                taken[label] = taken.get(label, 0) + 1
             chosen.append(position)
     return sorted(chosen)
 
@@ -94,7 +119,7 @@ class Transformed(Dataset):
         return to_pil_image(image) if isinstance(image, torch.Tensor) else image  # a stored image
 
     @property
-    def labels(self) -> list[int]:
+    def labels(self) -> list[Label]:
         """Every sample's label (`read_labels`)."""
         return read_labels(self.dataset, self.indices)
 
@@ -167,10 +192,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._device_augment: DeviceAugment | None = None  # decided when the training loader is built
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
-        self.labels: dict[str, list[int]] = {}  # every split's labels, read once at setup
+        self.labels: dict[str, list[Label]] = {}  # every split's labels, read once at setup
         self.validates_on_test = False  # set up with no validation images: the test split validates (as d2l)
 
-    # What subclasses change: where the data is and how a split is read.
+    # What subclasses change: where the data is, how a split is read, what the imbalance warning suggests.
+    balancing = "data.sampler=balanced or loss.class_weights=balanced"
+
     @property
     def classes(self) -> list[str]:
         return find_classes(self._require_root() / "train")
@@ -256,8 +283,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         """`shots` images per class of `training` (all of them without `shots`), logged when a class has fewer."""
         if self.shots is None:
             return training
-        chosen = few_shot(read_labels(train, training), self.shots, self.seed)
-        counts = torch.bincount(torch.as_tensor(read_labels(train, training), dtype=torch.long)).tolist()
+        labels = read_labels(train, training)
+        chosen = few_shot(labels, self.shots, self.seed)
+        counts = count_classes(labels, self.num_classes)
         short = [f"{self.classes[c]} {n}" for c, n in enumerate(counts) if n < self.shots]
         if short:
             log.warning("data.shots=%d: these classes have fewer training images, all are used: %s", self.shots, short)
@@ -269,8 +297,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not self.datasets:
             self.prepare_data()
         self.setup()
-        counts = torch.bincount(torch.as_tensor(self.labels[split], dtype=torch.long), minlength=self.num_classes)
-        return counts.tolist()
+        return count_classes(self.labels[split], self.num_classes)
 
     def _log_class_counts(self) -> None:
         """One line per split with each class's image count; a warning if the training split is strongly imbalanced."""
@@ -279,19 +306,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         for split in self.datasets:
             counts = self.class_counts(split)
             listed = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True))
-            log.info("Images per class (%s, %d): %s", split, sum(counts), listed)
+            log.info("Images per class (%s, %d): %s", split, len(self.labels[split]), listed)
         counts = self.class_counts()
         largest, smallest = max(counts), min(counts)
         if self.sampler != "balanced" and largest > IMBALANCE_WARNING * smallest:
             ratio = f"{largest / smallest:.1f}x" if smallest else "no images of some classes"
             log.warning(
-                "The training split is imbalanced: %s has %d images, %s %d (%s). Consider data.sampler=balanced "
-                "or loss.class_weights=balanced",
+                "The training split is imbalanced: %s has %d images, %s %d (%s). Consider %s",
                 names[counts.index(largest)],
                 largest,
                 names[counts.index(smallest)],
                 smallest,
                 ratio,
+                self.balancing,
             )
 
     def _loader(self, split: str) -> DataLoader:

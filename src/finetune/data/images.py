@@ -90,6 +90,18 @@ def _listing(header: str, bad: dict[Path, str], limit: int | None = None) -> str
     return "\n".join([header, *lines, *([f"  ... and {more} more"] if more else [])])
 
 
+def unreadable(paths: list[Path], where: Path, skip_bad_images: bool) -> dict[Path, str]:
+    """`find_bad_images` of the files of `where`: an ImageReadError that lists them, or with `skip_bad_images` a
+    warning (the caller leaves them out)."""
+    bad = find_bad_images(paths)
+    if bad and not skip_bad_images:
+        header = f"{len(bad)} images in {where} cannot be read (data.skip_bad_images=true skips them):"
+        raise ImageReadError(_listing(header, bad, limit=20))
+    if bad:
+        log.warning(_listing(f"Skipping {len(bad)} unreadable images in {where}:", bad))
+    return bad
+
+
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
@@ -130,12 +142,7 @@ class ImageFolder(Dataset):
             )
             for name in found
         }
-        self.skipped = find_bad_images([path for paths in files.values() for path in paths])
-        if self.skipped and not skip_bad_images:
-            header = f"{len(self.skipped)} images in {self.root} cannot be read (data.skip_bad_images=true skips them):"
-            raise ImageReadError(_listing(header, self.skipped, limit=20))
-        if self.skipped:
-            log.warning(_listing(f"Skipping {len(self.skipped)} unreadable images in {self.root}:", self.skipped))
+        self.skipped = unreadable([path for paths in files.values() for path in paths], self.root, skip_bad_images)
         self.samples: list[tuple[Path, int]] = []
         for index, name in enumerate(found):
             good = [p for p in files[name] if p not in self.skipped]

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
@@ -156,10 +156,10 @@ class StoredImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         start, height, width = (int(value) for value in self.index[index])
         image = np.array(self.pixels[start : start + 3 * height * width]).reshape(3, height, width)
-        return torch.from_numpy(image), self.targets[index]
+        return torch.from_numpy(image), self.samples[index][1]  # a class index, or a multi-label image's vector
 
 
 class CropSample(NamedTuple):
@@ -169,7 +169,7 @@ class CropSample(NamedTuple):
     image: torch.Tensor
     box: torch.Tensor
     flip: torch.Tensor
-    label: int
+    label: int | torch.Tensor
 
 
 def eval_box(height: int, width: int, config: InputConfig) -> torch.Tensor:
@@ -215,7 +215,7 @@ def collate_crops(samples: list[CropSample]) -> CropSample:
         row[:, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
     boxes = torch.stack([sample.box for sample in samples])
     flips = torch.stack([torch.as_tensor(sample.flip) for sample in samples])
-    return CropSample(images, boxes, flips, torch.tensor([sample.label for sample in samples]))
+    return CropSample(images, boxes, flips, default_collate([sample.label for sample in samples]))
 
 
 class DeviceAugment:
