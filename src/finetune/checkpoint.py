@@ -16,10 +16,27 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback
 
 from finetune.errors import DataError, DiskFullError, MissingFileError
+from finetune.finetuning import StageUnfreezing
 from finetune.models.backbones import load_checkpoint_file
 
 LAST = "last.ckpt"
+PROBE = "probe.ckpt"
 RUN_SETTINGS = "run_settings"  # the checkpoint key of the run's resolved settings (plain containers)
+# What a checkpoint that is not resumed holds: the weights and the settings that rebuild its model and data
+STANDALONE_KEYS = (
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+    "state_dict",
+    "hparams_name",
+    "hyper_parameters",
+)
+
+
+def standalone(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint without its training state (optimizer, schedulers, loops, callbacks' states, an EMA's raw
+    weights): what eval.py, predict.py and export.py read, a third of a resumable one's size with AdamW."""
+    return {key: value for key, value in checkpoint.items() if key in (*STANDALONE_KEYS, RUN_SETTINGS)}
 
 
 class RunSettings(Callback):
@@ -31,6 +48,36 @@ class RunSettings(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[RUN_SETTINGS] = self.settings
+
+
+class ProbeCheckpoint(Callback):
+    """Saves the linear probe: the weights at the end of a head-only phase that an unfreeze ends (the first epoch of
+    `strategy=freeze_unfreeze`, the default, and of `gradual`), as `<dirpath>/probe.ckpt`: the backbone as it started
+    (pretrained) and a trained head, the start of WiSE-FT (`wise_ft.py`). Stand-alone (`standalone`: weights and
+    settings, the size of the model), so eval.py and the others take it; a strategy that trains the backbone from
+    the start, or never, writes none (a `strategy=freeze` run's last.ckpt is its probe).
+
+    Saved when that epoch ends, so a resume within it still saves the probe, and one after it leaves the saved one.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike):
+        self.path = Path(dirpath) / PROBE
+
+    @staticmethod
+    def ends_head_only_phase(unfreezing: StageUnfreezing, epoch: int, num_stages: int) -> bool:
+        """Whether epoch `epoch` trains the head alone and the next one unfreezes stages."""
+        return unfreezing.trainable_at(epoch, num_stages) == 0 < unfreezing.trainable_at(epoch + 1, num_stages)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        unfreezing = next((c for c in trainer.callbacks if isinstance(c, StageUnfreezing)), None)
+        num_stages = pl_module.backbone.num_stages
+        if unfreezing is None or not self.ends_head_only_phase(unfreezing, trainer.current_epoch, num_stages):
+            return
+        # what ModelCheckpoint's file holds (every callback's on_save_checkpoint: the run's settings, an EMA's
+        # averaged weights), less the training state
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        trainer.strategy.save_checkpoint(standalone(checkpoint), self.path)  # rank 0 writes
+        trainer.strategy.barrier("ProbeCheckpoint")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
