@@ -80,7 +80,12 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder,
         assert logged[key] == pytest.approx(single[key], abs=1e-5), key
     # Only rank 0 writes checkpoints and events; rank 1 has its own Hydra log file only.
     files = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
-    assert len(files) == 2 and re.fullmatch(r"epoch_00\d.ckpt", files[0]) and files[1] == "last.ckpt", files
+    assert re.fullmatch(r"epoch_00\d.ckpt", files[0]) and files[1:] == ["last.ckpt", "probe.ckpt"], files
+    probes = [
+        torch.load(run / "checkpoints" / "probe.ckpt", weights_only=True)
+        for run in (ddp_run, tmp_path / "single" / "run")
+    ]
+    torch.testing.assert_close(probes[0]["state_dict"], probes[1]["state_dict"], rtol=1e-4, atol=1e-6)  # epoch 0's
     writers = {p.name.split(".")[-2] for p in (ddp_run / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # event files of one process id
     assert (ddp_run / "train_ddp_process_1.log").is_file()
