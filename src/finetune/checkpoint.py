@@ -55,7 +55,8 @@ class ProbeCheckpoint(Callback):
     `strategy=freeze_unfreeze`, the default, and of `gradual`), as `<dirpath>/probe.ckpt`: the backbone as it started
     (pretrained) and a trained head, the start of WiSE-FT (`wise_ft.py`). Stand-alone (`standalone`: weights and
     settings, the size of the model), so eval.py and the others take it; a strategy that trains the backbone from
-    the start, or never, writes none (a `strategy=freeze` run's last.ckpt is its probe).
+    the start, or never, writes none (a `strategy=freeze` run's last.ckpt is its probe), nor does a run that ends
+    before the unfreeze (fast_dev_run, which writes nothing, included).
 
     Saved when that epoch ends, so a resume within it still saves the probe, and one after it leaves the saved one.
     """
@@ -73,6 +74,8 @@ class ProbeCheckpoint(Callback):
         num_stages = pl_module.backbone.num_stages
         if unfreezing is None or not self.ends_head_only_phase(unfreezing, trainer.current_epoch, num_stages):
             return
+        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1:
+            return  # the run ends here (fast_dev_run: its one epoch), with no unfreeze
         # what ModelCheckpoint's file holds (every callback's on_save_checkpoint: the run's settings, an EMA's
         # averaged weights), less the training state
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
