@@ -71,8 +71,9 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def kill_mid_epoch(root: Path, run: list[str]) -> dict:
-    """Starts `python train.py ...` and SIGKILLs it once last.ckpt is from the middle of the last epoch."""
+def kill_mid_epoch(root: Path, run: list[str], steps_per_epoch: int = STEPS_PER_EPOCH) -> dict:
+    """Starts `python train.py ...` and SIGKILLs it once last.ckpt is from the middle of the last epoch (of
+    `steps_per_epoch` optimizer steps)."""
     (root / "throttle.py").write_text(THROTTLE)
     args = [*run, "+callbacks.throttle._target_=throttle.Throttle"]
     # the threads of this process, which resumes the run: the same float summation order
@@ -89,14 +90,14 @@ def kill_mid_epoch(root: Path, run: list[str]) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    last_epoch, seen = 2 * STEPS_PER_EPOCH, None
+    last_epoch, seen = 2 * steps_per_epoch, None
     try:
         deadline = time.monotonic() + 240
         while process.poll() is None and time.monotonic() < deadline:
             found = list((root / "logs").glob("train/runs/*/checkpoints/last.ckpt"))
             if found and found[0].stat().st_mtime_ns != seen:
                 seen = found[0].stat().st_mtime_ns
-                if 0 < load(found[0])["global_step"] - last_epoch < STEPS_PER_EPOCH:
+                if 0 < load(found[0])["global_step"] - last_epoch < steps_per_epoch:
                     process.send_signal(signal.SIGKILL)
                     break
             time.sleep(0.05)
@@ -105,6 +106,20 @@ def kill_mid_epoch(root: Path, run: list[str]) -> dict:
         process.kill()
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
     return load(found[0])
+
+
+def resume_and_run_uninterrupted(root: Path, run: list[str]) -> tuple[dict, dict, dict, dict]:
+    """The killed run resumed (`ckpt_path=last`), and the same run uninterrupted in this process: their last.ckpt
+    and their metrics."""
+    resumed_cfg = compose_train(root, [*run, "ckpt_path=last"])
+    resumed = train(resumed_cfg)
+    with open_dict(resumed_cfg):
+        resumed_cfg.paths.output_dir = str(root / "uninterrupted")
+        resumed_cfg.ckpt_path = None
+    uninterrupted = train(resumed_cfg)
+    a = load(root / "run" / "checkpoints" / "last.ckpt")
+    b = load(root / "uninterrupted" / "checkpoints" / "last.ckpt")
+    return a, b, resumed, uninterrupted
 
 
 @pytest.mark.parametrize(
@@ -119,15 +134,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
     (loader_state,) = killed["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == {"epoch": 2, "batches": killed["global_step"] - 2 * STEPS_PER_EPOCH}
 
-    resumed_cfg = compose_train(tmp_path, [*run, "ckpt_path=last"])
-    resumed = train(resumed_cfg)
-    with open_dict(resumed_cfg):
-        resumed_cfg.paths.output_dir = str(tmp_path / "uninterrupted")
-        resumed_cfg.ckpt_path = None
-    uninterrupted = train(resumed_cfg)
-
-    a = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    b = load(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    a, b, resumed, uninterrupted = resume_and_run_uninterrupted(tmp_path, run)
     assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
     torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
     (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]
@@ -136,6 +143,34 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
     assert [g["name"] for g in optimizer_a["param_groups"]] == ["backbone", "head"]
     assert a["lr_schedulers"] == b["lr_schedulers"]
     assert a["callbacks"]["StageUnfreezing"] == b["callbacks"]["StageUnfreezing"] == {"trainable_stages": 5}
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
+        assert resumed[key] == uninterrupted[key], key
+
+
+def test_a_run_with_gradient_accumulation_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, images):
+    """trainer.accumulate_grad_batches=2 and a per-step schedule: 3 optimizer steps of 2 batches per epoch; the run is
+    killed after a step of its last epoch (checkpoints come only after a step) and resumed."""
+    steps_per_epoch = STEPS_PER_EPOCH // 2
+    run = [
+        *RUN,
+        f"data.root={images}",
+        "data.num_workers=0",
+        *SMALL_MODEL,
+        "scheduler=warmup_cosine",
+        "trainer.accumulate_grad_batches=2",
+        "callbacks.mid_epoch_checkpoint.every_n_train_steps=1",
+    ]
+    killed = kill_mid_epoch(tmp_path, run, steps_per_epoch)
+    assert killed["epoch"] == 2 and killed["global_step"] % steps_per_epoch
+    (loader_state,) = killed["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == {"epoch": 2, "batches": 2 * (killed["global_step"] - 2 * steps_per_epoch)}
+
+    a, b, resumed, uninterrupted = resume_and_run_uninterrupted(tmp_path, run)
+    assert a["global_step"] == b["global_step"] == 3 * steps_per_epoch
+    torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
+    (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]
+    torch.testing.assert_close(optimizer_a["state"], optimizer_b["state"], rtol=0, atol=0)
+    assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 3 * steps_per_epoch
     for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
         assert resumed[key] == uninterrupted[key], key
 

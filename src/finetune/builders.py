@@ -121,13 +121,18 @@ def build_trainer(trainer: DictConfig, callbacks: Sequence[Callback] = (), logge
     return instantiate(trainer, callbacks=list(callbacks), logger=list(loggers) or False)
 
 
+def build_unfreezing(cfg: DictConfig) -> StageUnfreezing:
+    """The strategy's callback: which backbone stages train in which epoch."""
+    schedule = {key: cfg.strategy[key] for key in ("trainable", "unfreeze_at", "unfreeze_step")}
+    return StageUnfreezing(**plain(schedule))
+
+
 def build_fit_trainer(cfg: DictConfig, *extra_callbacks: Callback) -> L.Trainer:
     """The Trainer of a training run: the strategy's callback first (it decides what is frozen before any
     other callback looks, e.g. the feature cache), the config's callbacks and loggers, and the run's
     settings in every checkpoint."""
-    schedule = {key: cfg.strategy[key] for key in ("trainable", "unfreeze_at", "unfreeze_step")}
     callbacks = [
-        StageUnfreezing(**plain(schedule)),
+        build_unfreezing(cfg),
         *instantiate_callbacks(cfg.get("callbacks")),
         RunSettings(run_settings(cfg)),
         *extra_callbacks,

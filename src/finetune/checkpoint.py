@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from finetune.errors import DataError, DiskFullError, MissingFileError
 from finetune.finetuning import StageUnfreezing
@@ -81,6 +81,20 @@ class ProbeCheckpoint(Callback):
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         trainer.strategy.save_checkpoint(standalone(checkpoint), self.path)  # rank 0 writes
         trainer.strategy.barrier("ProbeCheckpoint")
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that saves during an epoch only after an optimizer step. With gradient
+    accumulation (`trainer.accumulate_grad_batches`) a save between the batches of a step would leave out the
+    gradients summed so far, and the resumed run would step on the remaining batches alone: a save that falls due
+    in between (`train_time_interval`) waits for the step's last batch."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        batches = batch_idx + 1  # this epoch's, as Lightning counts them to decide when to step
+        if batches % trainer.accumulate_grad_batches == 0 or batches == trainer.num_training_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -272,20 +272,21 @@ def warm_up(cfg: DictConfig, task: Sequence[str], job: Job, steps: int) -> dict[
         "test": len(datamodule.datasets["test"]),
         "batch_size": datamodule.batch_size,
         "epochs": cfg.trainer.max_epochs,
-        "min_steps": cfg.data.get("min_steps_per_epoch") or 0,
+        # an epoch's least number of batches: the step budget, each optimizer step of accumulate_grad_batches
+        "min_batches": (cfg.data.get("min_steps_per_epoch") or 0) * cfg.trainer.get("accumulate_grad_batches", 1),
         "classes": len(counts),
     }
 
 
 def job_seconds(warm: dict, shots: int | None) -> float:
-    """A job's time by the warm-up's measures: its steps (the few-shot subset's, at least min_steps_per_epoch per
-    epoch), a validation per epoch and one before, the test, and the start-up."""
+    """A job's time by the warm-up's measures: its batches (the few-shot subset's, at least min_steps_per_epoch
+    optimizer steps per epoch), a validation per epoch and one before, the test, and the start-up."""
     images = sum(c if shots is None else min(c, shots) for c in warm["counts"])
-    steps = max(math.ceil(images / warm["batch_size"]), warm["min_steps"]) * warm["epochs"]
+    batches = max(math.ceil(images / warm["batch_size"]), warm["min_batches"]) * warm["epochs"]
     evals = (warm["epochs"] + 1) * math.ceil(warm["val"] / warm["batch_size"]) + math.ceil(
         warm["test"] / warm["batch_size"]
     )
-    return warm["overhead_s"] + 5 + steps * warm["train_step_s"] + evals * warm["eval_batch_s"]
+    return warm["overhead_s"] + 5 + batches * warm["train_step_s"] + evals * warm["eval_batch_s"]
 
 
 def _minutes(seconds: float) -> str:

@@ -49,13 +49,18 @@ def read_status(run_dir: str | os.PathLike) -> dict[str, object]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def command_line(*extra: str) -> str:
+def command_line(*extra: str, script: str | None = None, own_keys: str | None = None) -> str:
     """This run's command as it was typed (`python train.py` and Hydra's overrides), with `extra` overrides
-    replacing those of the same keys."""
+    replacing those of the same keys; or another command (`script`) with the same overrides, less those of this
+    command's own keys (`own_keys`, a prefix such as `lr_find.`)."""
     keys = {override.split("=", 1)[0].lstrip("+~") for override in extra}
     typed = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    kept = [override for override in typed if override.split("=", 1)[0].lstrip("+~") not in keys]
-    return shlex.join(["python", sys.argv[0], *kept, *extra])
+    kept = [
+        override
+        for override in typed
+        if (key := override.split("=", 1)[0].lstrip("+~")) not in keys and not (own_keys and key.startswith(own_keys))
+    ]
+    return shlex.join(["python", script or sys.argv[0], *kept, *extra])
 
 
 def interruption(err: BaseException) -> str | None:

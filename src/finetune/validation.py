@@ -36,6 +36,7 @@ INTEGERS = {
     "data.num_workers": (0, "auto"),
     "data.shots": (1, None),
     "data.min_steps_per_epoch": (0, None),
+    "trainer.accumulate_grad_batches": (1, None),
     "strategy.trainable": (0, "all"),
     "strategy.unfreeze_step": (1, "all"),
     "seed": (0, None),

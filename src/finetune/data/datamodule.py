@@ -134,11 +134,12 @@ class ImageFolderDataModule(L.LightningDataModule):
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
     (as d2l does); with `folds` (cross-validation), fold `fold` of train's `stratified_folds` instead, never the
     test split. `shots`: K training images per class (`few_shot`), drawn after the validation split.
-    `min_steps_per_epoch`: an epoch of fewer training batches passes over the data again (a step budget that
-    does not shrink with the data). `input_config` is what the backbone's weights expect; `image_size`, `mean` and `std`
-    override it when set. Unreadable images stop `setup` with their names, or with `skip_bad_images` are
-    left out and logged. Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing`
-    (a probability), `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
+    `min_steps_per_epoch`: an epoch of fewer optimizer steps (each `trainer.accumulate_grad_batches` batches)
+    passes over the data again (a step budget that does not shrink with the data). `input_config` is what the
+    backbone's weights expect; `image_size`, `mean` and `std` override it when set. Unreadable images stop
+    `setup` with their names, or with `skip_bad_images` are left out and logged.
+    Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing` (a probability),
+    `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
     `store`: the images decoded once into `store_dir` (`finetune.data.store`, `store_size` px), and d2l's crop and
     flip run on the training device's batches (`augment_on`: `auto` = when it is a GPU, `device`, `workers`).
     """
@@ -359,7 +360,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             log.info("Training images are cropped, flipped and normalised as whole batches on the training device")
         dataset = Seeded(train, with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        min_draws = self.min_steps_per_epoch * self.batch_size * ranks[0]
+        # the budget is in optimizer steps: with gradient accumulation each step takes that many batches
+        batches_per_step = self.trainer.accumulate_grad_batches if self.trainer else 1
+        min_draws = self.min_steps_per_epoch * batches_per_step * self.batch_size * ranks[0]
         sampler = (
             BalancedSampler(dataset, self.labels["train"], *ranks, seed=self.seed, min_draws=min_draws)
             if self.sampler == "balanced"
@@ -367,10 +370,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
         if min_draws > len(dataset):
             log.info(
-                "%d training images: each epoch draws %d (data.min_steps_per_epoch=%d batches of %d)",
+                "%d training images: each epoch draws %d (data.min_steps_per_epoch=%d steps of %d batches of %d)",
                 len(dataset),
                 sampler.total_size,
                 self.min_steps_per_epoch,
+                batches_per_step,
                 self.batch_size,
             )
         return ResumableLoader(
