@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.builders import rebuild
 from finetune.checkpoint import PROBE, ProbeCheckpoint
@@ -22,7 +23,7 @@ from finetune.models.backbones import timm_backbone
 from finetune.models.module import FineTuneModule
 from finetune.settings import plain
 from finetune.train import train
-from finetune.weight_space import average, start
+from finetune.weight_space import average, score, start
 from finetune.wise_ft import alpha_grid, wise_ft
 from tests.helpers import compose_train, doc_commands, run_cli
 
@@ -201,3 +202,10 @@ def test_lora_checkpoints_are_refused(runs):
     checkpoint["state_dict"]["backbone.stages.4.conv1.lora_A.default.weight"] = torch.zeros(8, 16, 1, 1)
     with pytest.raises(ValueError, match=r"x.ckpt holds LoRA adapters \(peft=lora\)"):
         start(checkpoint, "x.ckpt")
+
+
+def test_multi_label_runs_are_refused(runs):
+    model = FineTuneModule.from_checkpoint(runs["freeze_unfreeze"] / "checkpoints" / "last.ckpt")
+    loader = DataLoader(TensorDataset(torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [1.0, 1.0]])))
+    with pytest.raises(ValueError, match="single-label accuracy: a multi-label run's are not taken"):
+        score(model, model.state_dict(), loader, torch.device("cpu"), "validation")

@@ -113,6 +113,8 @@ def score(
     trains only, stays the model's: runs of one start may differ in their loss terms)."""
     model.load_state_dict(model.state_dict() | {key: value for key, value in state.items() if key.startswith(NETWORK)})
     logits, labels = gather_logits(model, loader, device, "none", split)
+    if labels.ndim != 1:  # multi-hot targets
+        raise ConfigError("wise_ft.py and soup.py choose by single-label accuracy: a multi-label run's are not taken")
     return Score(float((logits.argmax(dim=1) == labels).float().mean()), float(F.cross_entropy(logits, labels)))
 
 
