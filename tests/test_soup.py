@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.errors import UserError
 from finetune.eval import evaluate
 from finetune.soup import make_soup
 from tests.helpers import compose_train, doc_commands, run_cli
@@ -87,3 +88,18 @@ def test_the_best_epochs_checkpoints_make_a_soup_too(strategy_sweep, tmp_path):
     soup = make_soup(compose_train(tmp_path, [f"sweep_dir={folder}", "soup.checkpoint=best"], "soup"))
     assert {i.path.name for i in soup.ingredients} <= {"epoch_000.ckpt", "epoch_001.ckpt"}
     assert soup.val.acc >= soup.ingredients[0].val.acc
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sweep_dir=/no/such/sweep"], r"sweep_dir: no such folder: /no/such/sweep"),
+        (["sweep_dir=."], r"sweep_dir: no runs under \. \(a run folder holds .hydra/overrides.yaml\)"),
+        (["sweep_dir=.", "soup.recipe=best"], r"soup.recipe=best: unknown, expected one of greedy, uniform"),
+        (["sweep_dir=.", "soup.checkpoint=first"], r"soup.checkpoint=first: unknown, expected one of last, best"),
+    ],
+)
+def test_wrong_values_say_what_is_wrong(overrides, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=message):
+        make_soup(compose_train(tmp_path, overrides, "soup"))
