@@ -1,9 +1,9 @@
 """Bad input, tried systematically: every config group fed wrong values (negative, zero, wrong type, unknown option,
 missing path) ends in one `Error:` message that names the key, never a traceback.
 
-46 cases: 44 values in `CASES` (data 14, model 3, strategy 7, optimizer 3, scheduler 2, loss 3, trainer 6,
-callbacks 2, top level 4), run as `train.py` runs them (`exit_on_user_error`: a UserError is the `Error:` line, any
-other exception a traceback); and 2 unknown options of a group (`optimizer=`, `logger=`) typed on the command line,
+48 cases: 47 values in `CASES` (data 14, model 3, strategy 7, optimizer 3, scheduler 2, loss 3, regularizer 3,
+trainer 6, callbacks 2, top level 4), run as `train.py` runs them (`exit_on_user_error`: a UserError is the `Error:`
+line, any other exception a traceback); and an unknown option of a group (`optimizer=`) typed on the command line,
 which Hydra answers with the group and its options, also without a traceback.
 """
 
@@ -60,6 +60,10 @@ CASES = {
     "loss.label_smoothing=1.5": "loss.label_smoothing",
     "loss.class_weights=[1]": "loss.class_weights",
     "loss.class_weights=heavy": "loss.class_weights",
+    # regularizer
+    "regularizer=l2sp regularizer.alpha=-1": "regularizer.alpha",
+    "regularizer=bss regularizer.k=0": "regularizer.k",
+    "regularizer=co_tuning": "strategy.pretrained",  # a random init: no source to stay near
     # trainer
     "trainer.max_epochs=0": "trainer.max_epochs",
     "trainer.max_epochs=-3": "trainer.max_epochs",

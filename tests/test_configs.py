@@ -18,6 +18,7 @@ GROUPS = [
     "optimizer",
     "scheduler",
     "loss",
+    "regularizer",
     "trainer",
     "logger",
     "callbacks",

@@ -60,6 +60,13 @@ def class_weights(loss: DictConfig, datamodule: ImageFolderDataModule) -> list[f
     return [float(w) for w in weights]
 
 
+def loss_terms(cfg: DictConfig) -> dict[str, Any]:
+    """`loss_terms` and the chosen regulariser (`regularizer`, conf/regularizer/: a loss term too) under its name."""
+    terms, regularizer = plain(cfg.loss_terms), plain(cfg.get("regularizer")) or {}
+    name = regularizer.pop("name", "none")
+    return terms if name == "none" else {**terms, name: regularizer}
+
+
 def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneModule:
     """The LightningModule for the data's classes and input; its settings typed, or plain configs (checkpointed).
     Balanced class weights come from the data's class counts (data -> model, one way)."""
@@ -74,7 +81,7 @@ def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneM
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler),
         loss=loss,
-        loss_terms=plain(cfg.loss_terms),
+        loss_terms=loss_terms(cfg),
         options=ModelOptions(
             sync_batchnorm=model.sync_batchnorm,
             channels_last=model.channels_last,

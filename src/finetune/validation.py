@@ -28,7 +28,14 @@ POSITIVE = (
     "strategy.backbone_lr_mult",
     "strategy.layer_decay",
 )
-NON_NEGATIVE = ("optimizer.weight_decay", "trainer.gradient_clip_val")
+NON_NEGATIVE = (
+    "optimizer.weight_decay",
+    "trainer.gradient_clip_val",
+    "regularizer.alpha",
+    "regularizer.beta",
+    "regularizer.eta",
+    "regularizer.trade_off",
+)
 # Integer keys: their least value, and the word they take besides numbers (None: no word)
 INTEGERS = {
     "data.batch_size": (1, None),
@@ -39,6 +46,8 @@ INTEGERS = {
     "trainer.accumulate_grad_batches": (1, None),
     "strategy.trainable": (0, "all"),
     "strategy.unfreeze_step": (1, "all"),
+    "regularizer.k": (1, None),
+    "regularizer.source_classes": (1, None),
     "seed": (0, None),
 }
 # What to do instead, after a key's message
@@ -160,6 +169,31 @@ def _fold_problems(cfg: DictConfig) -> Iterator[str]:
         yield f"data.fold={fold} must be one of 0..{folds - 1} (data.folds={folds}; folds count from 0)"
 
 
+def _regularizer_problems(cfg: DictConfig) -> Iterator[str]:
+    """A regulariser toward the source needs a source (pretrained weights) and a backbone that fine-tunes from it,
+    and a name of its own among the loss terms."""
+    name = OmegaConf.select(cfg, "regularizer.name")
+    if name in (None, "none"):
+        return
+    strategy = OmegaConf.select(cfg, "strategy.name")
+    instead = (
+        "use regularizer=none, or a strategy that fine-tunes the pretrained backbone "
+        "(freeze_unfreeze, finetune, gradual, llrd)"
+    )
+    if OmegaConf.select(cfg, "strategy.pretrained") is False:
+        yield (
+            f"regularizer={name} keeps fine-tuning near the pretrained source, but strategy.pretrained=false "
+            f"(strategy={strategy}) starts from a random init, which has no source: {instead}"
+        )
+    elif OmegaConf.select(cfg, "strategy.trainable") == 0 and not OmegaConf.select(cfg, "strategy.unfreeze_at"):
+        yield (
+            f"regularizer={name} acts on the fine-tuning of the backbone, but strategy={strategy} never trains it "
+            f"(strategy.trainable=0 and no strategy.unfreeze_at): {instead}"
+        )
+    if name in (OmegaConf.select(cfg, "loss_terms") or {}):
+        yield f"regularizer={name} and loss_terms.{name}: two loss terms of one name; rename the loss_terms entry"
+
+
 def _missing(value: object, key: str = "") -> Iterator[str]:
     """The keys whose value is `???` in a plain container (OmegaConf.missing_keys resolves every interpolation)."""
     if isinstance(value, dict):
@@ -210,6 +244,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += _augmentation_problems(cfg)
     problems += _store_problems(cfg)
     problems += _fold_problems(cfg)
+    problems += _regularizer_problems(cfg)
     return problems
 
 

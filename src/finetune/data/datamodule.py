@@ -391,3 +391,17 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images in order with the eval transform (no augmentation, no mixing): one deterministic
+        pass over the training data, for what a method computes of it before training (`LossTerm.prepare`). Its
+        own random generator: the pass draws nothing from the global one, which training goes on with."""
+        train = self.datasets["train"]
+        dataset = Transformed(train.dataset, train.indices, self.eval_transform)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator(),
+        )

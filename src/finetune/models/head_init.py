@@ -50,6 +50,25 @@ def source_classes(classes: list[str], mapping: dict[str, list[int]] | None, num
     return {name: mapping.get(name) or by_name[name] for name in classes if name in mapping or name in by_name}
 
 
+def source_classifier(
+    classifier: tuple[torch.Tensor, torch.Tensor] | None, num_features: int, option: str, instead: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pretrained classifier's (weight, bias) (`Backbone.classifier`) for a method that reads it (`option`), if
+    it takes the backbone's `num_features`; else a ConfigError that says to use `instead`."""
+    if classifier is None:
+        raise ConfigError(
+            f"{option} needs the pretrained classifier: only backbones loaded with their pretrained weights "
+            f"(strategy.pretrained=true, or a model.weights_path that holds the classifier) have one; or use {instead}"
+        )
+    weight, bias = classifier
+    if weight.shape[1] != num_features:
+        raise ConfigError(
+            f"{option}: the pretrained classifier takes {weight.shape[1]} features, the backbone gives "
+            f"{num_features} (a model with a pre-logits layer): use {instead}"
+        )
+    return weight, bias
+
+
 def init_head_from_source(
     head: nn.Linear,
     classes: list[str],
@@ -58,17 +77,7 @@ def init_head_from_source(
 ) -> dict[str, list[int]]:
     """Copies into each mapped row of `head` the mean of its source rows (weight and bias); the other rows keep
     their init and are logged. Returns the mapping used."""
-    if classifier is None:
-        raise ConfigError(
-            "model.head_init=source needs the pretrained classifier: only backbones loaded with their pretrained "
-            "weights (strategy.pretrained=true, or a model.weights_path that holds the classifier) have one"
-        )
-    weight, bias = classifier
-    if weight.shape[1] != head.in_features:
-        raise ConfigError(
-            f"model.head_init=source: the pretrained classifier takes {weight.shape[1]} features, the head "
-            f"{head.in_features} (a model with a pre-logits layer): use model.head_init=default"
-        )
+    weight, bias = source_classifier(classifier, head.in_features, "model.head_init=source", "model.head_init=default")
     used = source_classes(classes, mapping, weight.shape[0])
     with torch.no_grad():
         for row, name in enumerate(classes):

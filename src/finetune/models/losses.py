@@ -6,7 +6,10 @@ its own file, not a branch in the LightningModule:
 - a loss is any `(logits, targets) -> scalar` module (torch's own losses fit);
 - a term is built once from the module it trains (`_partial_: true`: called with the `FineTuneModule` once its
   backbone and head exist, e.g. to keep a copy of the source weights) and then called at each training step with
-  that module and the step's `StepOutput`; its tensors (`register_buffer`) go into the checkpoint with the model's.
+  that module and the step's `StepOutput`; its tensors (`register_buffer`) go into the checkpoint with the model's,
+  and its parameters (a head of its own) train in the optimizer's `loss_terms` group. A term that needs a pass
+  over the training data first has `prepare`. The regularisers toward the source (`regularizer` in conf/) are
+  terms: `finetune.methods`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
+from lightning import LightningDataModule, LightningModule
 from torch import nn
 
 
@@ -37,6 +40,12 @@ class LossTerm(nn.Module):
 
     def forward(self, model: LightningModule, output: StepOutput) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, model: LightningModule, data: LightningDataModule) -> None:
+        """Called once when a fit starts (`FineTuneModule.on_fit_start`), after a resumed run's weights and buffers
+        are loaded, with the run's data: for a term that learns something of the training data before the first
+        step (Co-Tuning's relationship). It must keep what it learns in buffers and skip when they hold it already,
+        so that a resumed run goes on with what the interrupted one learned. Nothing by default."""
 
 
 class CrossEntropy(nn.Module):

@@ -3,7 +3,7 @@
 The module holds the network and runs the steps. What a method changes is an object or function the config
 instantiates, so the module does not grow with the methods:
 - the loss of the logits (`loss`, `finetune.models.losses.CrossEntropy` by default) and extra loss terms
-  (`loss_terms`, each logged as `train/loss_<name>`), `finetune.models.losses`;
+  (`loss_terms` and the `regularizer`, each logged as `train/loss_<name>`), `finetune.models.losses`;
 - the rule that puts the parameters into named param groups with their lr multipliers (`strategy.param_groups`),
   `finetune.models.param_groups`;
 - which stages train when (`finetune.finetuning.StageUnfreezing`) and steps after training (the feature cache,
@@ -27,7 +27,7 @@ from finetune.errors import ConfigError, instantiate_unwrapped
 from finetune.models.backbones import InputConfig, load_checkpoint_file
 from finetune.models.head_init import init_head_from_source
 from finetune.models.losses import CrossEntropy, StepOutput
-from finetune.models.param_groups import LrMultipliers, stage_groups
+from finetune.models.param_groups import LrMultipliers, named_groups, stage_groups
 
 # The loss of checkpoints that stored its settings without a `_target_` (before losses were plug-ins), and the
 # param-group rule of those that stored none
@@ -94,7 +94,8 @@ class FineTuneModule(L.LightningModule):
       `optimizer.filter_bias_and_bn`: no weight decay on biases and 1-D params (groups `<name>_no_decay`);
       `scheduler.interval`: `epoch` (default) or `step` (then the schedule also takes `total_steps`);
     - `loss`: the config of the loss of the logits (None: plain cross-entropy); `loss_terms`: name -> the partial
-      config of an extra term, built with this module (`finetune.models.losses`);
+      config of an extra term, built with this module (`finetune.models.losses`; the builder adds the
+      `regularizer` here), its parameters, if any, in the param group `loss_terms`;
     - `options`: the `model.*` switches (`ModelOptions`);
     - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`).
     """
@@ -214,10 +215,18 @@ class FineTuneModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
 
+    def on_fit_start(self) -> None:
+        """Each loss term sees the training data once before the first step (`LossTerm.prepare`)."""
+        for term in self.loss_terms.values():
+            term.prepare(self, self.trainer.datamodule)
+
     def configure_optimizers(self) -> dict[str, Any]:
         settings = dict(self.hparams.optimizer)
         rule = instantiate(self.strategy.param_groups)  # finetune.models.param_groups
-        groups = rule(self.backbone.stages, self.head, self.strategy, settings.pop("filter_bias_and_bn", False))
+        filter_bias_and_bn = settings.pop("filter_bias_and_bn", False)
+        groups = rule(self.backbone.stages, self.head, self.strategy, filter_bias_and_bn)
+        # a term's own parameters (Co-Tuning's source head) train beside the backbone, at its lr
+        groups += named_groups("loss_terms", self.loss_terms, self.strategy.backbone_lr_mult, filter_bias_and_bn)
         optimizer = instantiate(settings)(groups)
         for group in optimizer.param_groups:  # before the scheduler records them as its base_lrs
             group["lr"] *= group["lr_mult"]

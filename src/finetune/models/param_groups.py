@@ -50,15 +50,19 @@ def stage_groups(
     else:
         groups = [("backbone", stages, lr.backbone_lr_mult)]
     groups.append(("head", head, lr.head_lr_mult))
-    result = []
-    for name, module, mult in groups:
-        named = list(module.named_parameters())
-        if filter_bias_and_bn:
-            decay, no_decay = decay_split(named)
-            result += [
-                {"name": name, "params": decay, "lr_mult": mult},
-                {"name": f"{name}_no_decay", "params": no_decay, "lr_mult": mult, "weight_decay": 0.0},
-            ]
-        else:
-            result.append({"name": name, "params": [p for _, p in named], "lr_mult": mult})
-    return [group for group in result if group["params"]]
+    return [group for name, module, mult in groups for group in named_groups(name, module, mult, filter_bias_and_bn)]
+
+
+def named_groups(name: str, module: nn.Module, mult: float, filter_bias_and_bn: bool = False) -> list[dict[str, Any]]:
+    """The group `name` of `module`'s parameters at `mult`; with `filter_bias_and_bn` also `<name>_no_decay`, its
+    biases and 1-D params at weight_decay 0. Empty groups are left out."""
+    named = list(module.named_parameters())
+    if filter_bias_and_bn:
+        decay, no_decay = decay_split(named)
+        groups = [
+            {"name": name, "params": decay, "lr_mult": mult},
+            {"name": f"{name}_no_decay", "params": no_decay, "lr_mult": mult, "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"name": name, "params": [p for _, p in named], "lr_mult": mult}]
+    return [group for group in groups if group["params"]]
