@@ -55,9 +55,10 @@ def data_root(args) -> Path:
     return Path(args.data).resolve()
 
 
-def compare_command(args, root: Path, out: Path) -> list[str]:
-    """compare.py's command line: the recipe's overrides, the strategies and scratch at 10x its lr, seeds, shots."""
-    common = [
+def recipe(args, root: Path) -> list[str]:
+    """Every job's overrides: the recipe (train.py's defaults) on EfficientNet-Lite0 at the size and epochs given,
+    on the image folder `root`, and the trailing overrides."""
+    return [
         "model=efficientnet_lite0",
         "data=imagefolder",
         f"data.root={root}",
@@ -68,6 +69,11 @@ def compare_command(args, root: Path, out: Path) -> list[str]:
         "~callbacks.model_summary",
         *args.overrides,
     ]
+
+
+def compare_command(args, root: Path, out: Path) -> list[str]:
+    """compare.py's command line: the recipe's overrides, the strategies and scratch at 10x its lr, seeds, shots."""
+    common = recipe(args, root)
     lr = args.lr or compose_config(common, out).optimizer.lr
     shots = ",".join(args.shots)
     return [

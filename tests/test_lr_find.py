@@ -4,6 +4,7 @@ known answer, the stop on divergence."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -183,3 +184,43 @@ def test_wrong_range_test_settings_are_one_error_naming_each_key(tmp_path, image
         "lr_find.stop_factor",
         "lr_find.py runs on one device (trainer.devices",
     ]
+
+
+def test_the_benchmark_races_the_sweep_and_both_suggestions(tmp_path, image_folder):
+    """benchmarks/lr_find.py: compare.py's command plans 5 lrs and the 2 suggestions x 3 seeds, each job at its lr;
+    a suggestion's distance is to the best lr of the sweep (not to itself), in points."""
+    from benchmarks import lr_find
+    from finetune.compare import plan
+    from finetune.comparison import compare
+
+    common = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL]
+    raced = lr_find.settings(lr_find.LRS, {"lr_find_head": 0.0034, "lr_find_all": 0.00011})
+    cfg = compose_train(tmp_path, lr_find.compare_command(common, raced, "1,2,3", tmp_path / "compare")[3:], "compare")
+    jobs = plan(cfg)
+    assert len(jobs) == 21 and {job.setting for job in jobs} == set(raced)
+    job = next(job for job in jobs if job.name == "lr_find_all-seed2")
+    assert compose_train(tmp_path, [*common, *job.overrides]).optimizer.lr == 0.00011
+    assert raced["lr_3e-5"] == "3e-5" and raced["lr_find_head"] == "0.0034"
+
+    table = {
+        "lr_1e-4": {1: 0.80, 2: 0.82, 3: 0.81},
+        "lr_3e-4": {1: 0.84, 2: 0.86, 3: 0.85},
+        "lr_find_head": {1: 0.87, 2: 0.85, 3: 0.86},  # better than the sweep's best
+        "lr_find_all": {1: 0.82, 2: 0.83, 3: 0.84},
+    }
+    gaps = lr_find.gaps(compare(table), {name: "x" for name in table})
+    assert gaps == {"lr_find_head": pytest.approx(1.0), "lr_find_all": pytest.approx(-2.0)}
+
+
+@pytest.mark.slow  # lr_find.py twice and a compare.py of 4 jobs, end to end; its parts: the test above
+def test_the_benchmark_runs_tiny_on_generated_images(tmp_path, monkeypatch, one_thread):
+    from benchmarks import lr_find
+
+    monkeypatch.setenv("FINETUNE_ROOT", str(tmp_path))  # compare.py's jobs write there
+    result = lr_find.main(["--tiny", "--out", str(tmp_path / "bench")])
+    assert set(result["suggestions"]) == {"lr_find_head", "lr_find_all"}
+    assert all(1e-7 <= lr <= 10 for lr in result["suggestions"].values())
+    assert set(result["accuracy"]) == {"lr_1e-3", "lr_1e-2", "lr_find_head", "lr_find_all"}
+    assert set(result["points_from_the_best_lr"]) == {"lr_find_head", "lr_find_all"}
+    assert (tmp_path / "bench" / "compare" / "compare.md").is_file()
+    assert json.loads((tmp_path / "bench" / "lr_find.jsonl").read_text()) == result

@@ -123,11 +123,9 @@ class FeatureCache(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled:
+            # The fit loop builds the training loader after this hook, on the features (a per-step schedule that
+            # counted the batches before it dropped the loader it built: `FineTuneModule.configure_optimizers`)
             self.attach(trainer, pl_module.backbone)
-            # A per-step schedule counted the training batches (`trainer.estimated_stepping_batches`, in
-            # configure_optimizers, before this hook), which built the training loader on the images: dropped, the
-            # fit loop builds it again on the features (same length, so the count holds).
-            trainer.fit_loop._combined_loader = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.backbone.prefix_precomputed:

@@ -237,8 +237,9 @@ class FineTuneModule(L.LightningModule):
         steps = {}
         if interval == "step":  # optimizer steps: Lightning divides the batches by trainer.accumulate_grad_batches
             steps["total_steps"] = int(self.trainer.estimated_stepping_batches)
-            # Counting them built the training loader before a resume restored its position: dropped, the fit loop
-            # builds it again and restores it there (else a mid-epoch resume would start the epoch's batches over)
+            # Counting them built the training loader, before a resume restores its position and before the feature
+            # cache swaps the images for features (`on_fit_start`): dropped, the fit loop builds it again after both
+            # (else a mid-epoch resume would start the epoch's batches over)
             self.trainer.fit_loop._combined_loader = None
         scheduler = instantiate(schedule)(optimizer, **steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
