@@ -196,6 +196,7 @@ def fake_run(run_dir: Path, status: str | None, acc: float = math.nan, steps: in
     (run_dir / ".hydra" / "overrides.yaml").write_text("- +compare_job=x\n")
     if status is not None:
         record = {"status": status, "fit_time_s": 10.0, "steps": steps, "epochs": 5, "train_images": 8}
+        record |= {"trainable_params": 1234, "total_params": 372_882, "trainable_share": 1234 / 372_882}
         (run_dir / "status.json").write_text(json.dumps(record))
     if not math.isnan(acc):
         with SummaryWriter(run_dir / "tensorboard" / "x") as writer:
@@ -234,6 +235,7 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     assert "`a` has the highest test accuracy (0.800)" in text
     assert "## shots=2 (3 seeds)" in report and "`a` is best (test accuracy 0.710 ± 0.025 over 3 seeds)" in report
     assert "8 images, 5 epochs, 20 steps" in report and (tmp_path / "learning_curve.png").is_file()
+    assert "| trainable params |" in report and "| 1,234 (0.33 %) |" in report  # train.py's counts
 
     changed = [
         job if job.name != "b-seed1" else Job(job.name, "b", 1, None, ["strategy=b", "optimizer=sgd"]) for job in jobs

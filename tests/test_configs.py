@@ -19,6 +19,7 @@ GROUPS = [
     "scheduler",
     "loss",
     "regularizer",
+    "peft",
     "trainer",
     "logger",
     "callbacks",

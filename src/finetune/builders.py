@@ -82,6 +82,7 @@ def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneM
         scheduler=plain(cfg.scheduler),
         loss=loss,
         loss_terms=loss_terms(cfg),
+        peft=plain(cfg.get("peft")),
         options=ModelOptions(
             sync_batchnorm=model.sync_batchnorm,
             channels_last=model.channels_last,

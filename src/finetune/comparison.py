@@ -67,6 +67,8 @@ class Result:
     steps: float = math.nan
     epochs: float = math.nan
     train_images: float = math.nan
+    trainable_params: float = math.nan
+    trainable_share: float = math.nan
 
 
 @dataclass
@@ -281,6 +283,8 @@ def load_result(folder: Path, job: Job) -> Result:
         steps=number("steps"),
         epochs=number("epochs"),
         train_images=number("train_images"),
+        trainable_params=number("trainable_params"),
+        trainable_share=number("trainable_share"),
     )
 
 
@@ -355,6 +359,7 @@ def comparison_table(report: Report, shots: int | None) -> str:
         "mean rank",
         "fit time (s)",
         "peak memory (MB)",
+        "trainable params",
         "budget",
     ]
     rows = []
@@ -377,10 +382,17 @@ def comparison_table(report: Report, shots: int | None) -> str:
                 fmt(row.rank, 1),
                 fmt(_mean([r.fit_time_s for r in done]), 0),
                 memory_text,
+                trainable(done),
                 budget(done),
             ]
         )
     return markdown_table(header, rows)
+
+
+def trainable(done: Sequence[Result]) -> str:
+    """The parameters the runs of one point train at some epoch, and their share of the model's (means)."""
+    count, share = (_mean([getattr(r, key) for r in done]) for key in ("trainable_params", "trainable_share"))
+    return "-" if math.isnan(count) else f"{count:,.0f} ({100 * share:.2f} %)"
 
 
 def budget(done: Sequence[Result]) -> str:
@@ -527,6 +539,8 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
         "- mean rank: 1 = the best setting of a seed, averaged over the seeds.",
         "- fit time: the training's wall time (validation included, test excluded); peak memory: the training "
         "process's peak resident memory (the GPU's peak allocation on a GPU).",
+        "- trainable params: the parameters that train at some epoch of the run (a linear probe: the head's; "
+        "peft: the method's and the head's), with their share of all the model's.",
         "- budget: training images, epochs and optimizer steps of each run (means over seeds); an epoch has at "
         "least data.min_steps_per_epoch steps, so few-shot points are not starved of steps.",
         "",

@@ -1,6 +1,8 @@
 """Export a classifier for serving: ONNX (for onnxruntime) or TorchScript, each with a JSON sidecar.
 
-`python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx|torchscript` exports a checkpoint (`main`).
+`python export.py ckpt_path=<run>/checkpoints/last.ckpt format=onnx|torchscript` exports a checkpoint (`main`);
+a LoRA checkpoint (`peft=lora`) is exported with its updates merged into the weights it adapts, and its parity
+checked against the adapted model.
 The exported graph maps normalised float images (N, 3, image_size, image_size), input `images`, to logits
 (N, C), output `logits`; the batch size N is free. `<file>.json` beside it holds the rest a client needs:
 the class names in label order, the eval transform (`InputConfig.to_dict`: the short side resized to `resize`
@@ -51,6 +53,7 @@ from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, MissingFileError, UserError, exit_on_user_error
 from finetune.models.backbones import InputConfig
+from finetune.models.parameter_efficient import merged
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +194,7 @@ def export_checkpoint(cfg: DictConfig) -> tuple[Path, Parity]:
     path = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    exporter(model.network(), model.meta, path)
+    exporter(merged(model.network()), model.meta, path)  # LoRA's updates in the weights: a plain network
     print(f"Exported {path} and its sidecar {sidecar_path(path).name} in {time.perf_counter() - start:.1f} s")
     inputs, source = parity_inputs(datamodule, model.input_config)
     parity = check_parity(model, path, inputs)

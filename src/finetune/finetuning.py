@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,26 @@ from lightning.pytorch.callbacks import Callback
 log = logging.getLogger(__name__)
 
 Count = int | str  # a number of stages, or "all"
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """What a run trains, as a researcher reports it: the parameters that train at some epoch of the run, and all
+    the parameters of the model (backbone with any adapters, head, the loss terms' own)."""
+
+    trainable: int
+    total: int
+
+    def record(self) -> dict[str, int | float]:
+        """As the run's status.json and HPARAMS hold them; `trainable_share` as a fraction of `total_params`."""
+        return {
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "trainable_share": self.trainable / self.total,
+        }
+
+    def __str__(self) -> str:
+        return f"{self.trainable:,} of {self.total:,} ({100 * self.trainable / self.total:.2f} %)"
 
 
 class StageUnfreezing(Callback):
@@ -40,6 +61,18 @@ class StageUnfreezing(Callback):
         steps = sum(epoch >= e for e in self.unfreeze_at)
         start, step = self._count(self.trainable, num_stages), self._count(self.unfreeze_step, num_stages)
         return min(num_stages, start + steps * step)
+
+    def parameter_counts(self, pl_module: L.LightningModule, max_epochs: int) -> ParameterCounts:
+        """The parameters that train in a run of `max_epochs` (-1: until the last unfreeze): every one that requires
+        grad (a `peft` method keeps the others fixed), but those of the backbone stages still frozen in the last
+        epoch."""
+        backbone = pl_module.backbone
+        last_epoch = max_epochs - 1 if max_epochs > 0 else max(self.unfreeze_at, default=0)
+        frozen = backbone.stages[: backbone.num_stages - self.trainable_at(last_epoch, backbone.num_stages)]
+        never = {id(parameter) for parameter in frozen.parameters()}
+        parameters = list(pl_module.parameters())
+        trainable = sum(p.numel() for p in parameters if p.requires_grad and id(p) not in never)
+        return ParameterCounts(trainable, sum(p.numel() for p in parameters))
 
     def _apply(self, pl_module: L.LightningModule, trainable: int) -> None:
         backbone = pl_module.backbone

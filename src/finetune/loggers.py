@@ -53,7 +53,7 @@ NOT_COMPARED = frozenset(
     }
 )
 # Config groups whose choice (`optimizer: sgd`) is a setting of its own
-GROUPS = ("experiment", "data", "model", "strategy", "optimizer", "scheduler", "loss", "regularizer")
+GROUPS = ("experiment", "data", "model", "strategy", "optimizer", "scheduler", "loss", "regularizer", "peft")
 # The HPARAMS tab's metrics a sweep is judged by, listed first
 HEADLINE = ("hp/val/acc", "hp/test/acc", "hp/test/macro_f1")
 

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # The settings that make a run what it is: stored in its checkpoints, and logged for TensorBoard's HPARAMS tab.
-SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler", "loss", "loss_terms", "regularizer")
+SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler", "loss", "loss_terms", "regularizer", "peft")
 
 
 def plain(config: Any) -> Any:

@@ -24,6 +24,7 @@ from finetune.callbacks import ErrorAnalysis
 from finetune.checkpoint import check_resumable, resolve_ckpt_path
 from finetune.config import CONFIG_DIR
 from finetune.errors import UserError
+from finetune.finetuning import StageUnfreezing
 from finetune.loggers import close, hparams, log_hparams_tab, varied_keys
 from finetune.run_status import interruption, recorded, resume_hint
 from finetune.validation import validate
@@ -86,8 +87,12 @@ def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str,
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
     if ckpt_path:  # before anything is logged or computed: a damaged file, other classes
         check_resumable(ckpt_path, datamodule.classes)
+    # what trains at some epoch, for the log, HPARAMS and status.json (a comparison's cost table)
+    schedule = next(callback for callback in trainer.callbacks if isinstance(callback, StageUnfreezing))
+    counts = schedule.parameter_counts(model, trainer.max_epochs)
+    log.info("Trainable parameters: %s", counts)
     with finalized(trainer.loggers):
-        settings = hparams(cfg)
+        settings = hparams(cfg) | counts.record()
         for logger in trainer.loggers:  # at the start, so a failed run is listed with its settings too
             logger.log_hyperparams(settings)
         if ckpt_path:
@@ -99,7 +104,7 @@ def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str,
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if status is not None:  # the cost side of a comparison (finetune.comparison)
-            status |= fit_record(trainer, datamodule, time.perf_counter() - start)
+            status |= fit_record(trainer, datamodule, time.perf_counter() - start) | counts.record()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         trainer.test(model, datamodule=datamodule)  # the final weights, as d2l reports them
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}

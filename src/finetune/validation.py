@@ -27,6 +27,7 @@ POSITIVE = (
     "strategy.head_lr_mult",
     "strategy.backbone_lr_mult",
     "strategy.layer_decay",
+    "peft.alpha",
 )
 NON_NEGATIVE = (
     "optimizer.weight_decay",
@@ -46,6 +47,7 @@ INTEGERS = {
     "trainer.accumulate_grad_batches": (1, None),
     "strategy.trainable": (0, "all"),
     "strategy.unfreeze_step": (1, "all"),
+    "peft.r": (1, None),
     "regularizer.k": (1, None),
     "regularizer.source_classes": (1, None),
     "seed": (0, None),
@@ -194,6 +196,30 @@ def _regularizer_problems(cfg: DictConfig) -> Iterator[str]:
         yield f"regularizer={name} and loss_terms.{name}: two loss terms of one name; rename the loss_terms entry"
 
 
+def _peft_problems(cfg: DictConfig) -> Iterator[str]:
+    """A peft method trains a few parameters of the pretrained backbone: it needs pretrained weights and a strategy
+    that trains the backbone at some epoch; LoRA's dropout is a probability."""
+    target = OmegaConf.select(cfg, "peft._target_")
+    if target is None:  # peft=none
+        return
+    name, strategy = target.rpartition(".")[2], OmegaConf.select(cfg, "strategy.name")
+    if OmegaConf.select(cfg, "strategy.pretrained") is False:
+        yield (
+            f"peft={name} trains a few parameters of the pretrained backbone, but strategy.pretrained=false "
+            f"(strategy={strategy}) starts from a random init, which they cannot adapt: use peft=none with a random "
+            "init, or a strategy that fine-tunes the pretrained backbone (freeze_unfreeze, finetune, gradual, llrd)"
+        )
+    elif OmegaConf.select(cfg, "strategy.trainable") == 0 and not OmegaConf.select(cfg, "strategy.unfreeze_at"):
+        yield (
+            f"peft={name} trains part of the backbone, but strategy={strategy} never trains the backbone "
+            f"(strategy.trainable=0 and no strategy.unfreeze_at): use strategy=freeze_unfreeze (the default: the head "
+            f"alone first, then what peft={name} trains) or strategy=finetune; a linear probe is peft=none"
+        )
+    dropout = OmegaConf.select(cfg, "peft.dropout")
+    if dropout is not None and not (number(dropout) and 0 <= dropout < 1):
+        yield f"peft.dropout={dropout} must be in [0, 1) (0 = off)"
+
+
 def _missing(value: object, key: str = "") -> Iterator[str]:
     """The keys whose value is `???` in a plain container (OmegaConf.missing_keys resolves every interpolation)."""
     if isinstance(value, dict):
@@ -244,6 +270,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += _augmentation_problems(cfg)
     problems += _store_problems(cfg)
     problems += _fold_problems(cfg)
+    problems += _peft_problems(cfg)
     problems += _regularizer_problems(cfg)
     return problems
 

@@ -6,6 +6,8 @@ instantiates, so the module does not grow with the methods:
   (`loss_terms` and the `regularizer`, each logged as `train/loss_<name>`), `finetune.models.losses`;
 - the rule that puts the parameters into named param groups with their lr multipliers (`strategy.param_groups`),
   `finetune.models.param_groups`;
+- which of the backbone's parameters can train, or adapters beside its layers (`peft`: BitFit, norm-only, LoRA),
+  a function applied to the backbone once it is built, `finetune.models.parameter_efficient`;
 - which stages train when (`finetune.finetuning.StageUnfreezing`) and steps after training (the feature cache,
   weight averaging, the error analysis): callbacks, `callbacks` in conf/.
 """
@@ -81,7 +83,7 @@ def _current_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class FineTuneModule(L.LightningModule):
-    """Backbone + head; every parameter sits in the optimizer from the first step.
+    """Backbone + head; every parameter that requires grad sits in the optimizer from the first step.
 
     The settings are saved as the checkpoint's `hyper_parameters`, as plain values (dataclasses as dicts): a
     checkpoint rebuilds its model alone (`from_checkpoint`), loading with `weights_only=True`.
@@ -96,6 +98,8 @@ class FineTuneModule(L.LightningModule):
     - `loss`: the config of the loss of the logits (None: plain cross-entropy); `loss_terms`: name -> the partial
       config of an extra term, built with this module (`finetune.models.losses`; the builder adds the
       `regularizer` here), its parameters, if any, in the param group `loss_terms`;
+    - `peft`: the partial config of a backbone adapter (`finetune.models.parameter_efficient`), applied before
+      anything else sees the backbone (None: every backbone parameter can train);
     - `options`: the `model.*` switches (`ModelOptions`);
     - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`).
     """
@@ -110,6 +114,7 @@ class FineTuneModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         loss: dict[str, Any] | None = None,
         loss_terms: dict[str, dict[str, Any]] | None = None,
+        peft: dict[str, Any] | None = None,
         options: ModelOptions | None = None,
         temperature: float = 1.0,
     ):
@@ -125,12 +130,15 @@ class FineTuneModule(L.LightningModule):
             "scheduler": scheduler,
             "loss": loss,
             "loss_terms": loss_terms,
+            "peft": peft,
             "options": asdict(options),
             "temperature": temperature,
         }
         self.save_hyperparameters(settings, logger=False)  # train.py logs the settings that tell runs apart
         self.strategy, self.options = strategy, options
         self.backbone = instantiate_unwrapped(backbone, pretrained=strategy.pretrained)
+        if peft is not None:  # before channels_last and compile, so that they apply to any adapters too
+            self.backbone = instantiate(peft, _convert_="all")(self.backbone)
         # `bn=eval` keeps pretrained statistics; a random init has none worth keeping
         self.backbone.bn_eval = strategy.pretrained and strategy.bn == "eval"
         self.head = nn.Linear(self.backbone.num_features, len(classes))
@@ -175,6 +183,7 @@ class FineTuneModule(L.LightningModule):
             scheduler=settings["scheduler"],
             loss=settings["loss"],
             loss_terms=settings["loss_terms"],
+            peft=settings.get("peft"),  # the adapters exist before the state dict loads
             options=replace(ModelOptions(**settings["options"]), head_init="default"),  # the head is in it too
             temperature=settings["temperature"],
         )

@@ -3,9 +3,10 @@
 A rule is a pure function, as timm's `param_groups_layer_decay`: from the backbone's stages, the head and the
 strategy's multipliers to a list of groups `{"name", "params", "lr_mult"}` (plus `"weight_decay": 0.0` where
 decay is off); the module sets each group's lr to `optimizer.lr x lr_mult`. `strategy.param_groups` names the
-rule (`_target_`, `_partial_: true`), so a method that trains other parameters or groups them otherwise (BitFit:
-the biases alone) is a function here, not a change to the module. Every group exists from the first step: which
-stages train when is the strategy callback's (`finetune.finetuning`).
+rule (`_target_`, `_partial_: true`), so a method that groups the parameters otherwise (other lrs, other groups)
+is a function here, not a change to the module. Every group exists from the first step: which stages train when is
+the strategy callback's (`finetune.finetuning`). A parameter that does not require grad is in no group: a `peft`
+method (BitFit: the biases alone; `finetune.models.parameter_efficient`) keeps it as it is.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def stage_groups(
 
 
 def named_groups(name: str, module: nn.Module, mult: float, filter_bias_and_bn: bool = False) -> list[dict[str, Any]]:
-    """The group `name` of `module`'s parameters at `mult`; with `filter_bias_and_bn` also `<name>_no_decay`, its
-    biases and 1-D params at weight_decay 0. Empty groups are left out."""
-    named = list(module.named_parameters())
+    """The group `name` of `module`'s parameters that require grad at `mult`; with `filter_bias_and_bn` also
+    `<name>_no_decay`, its biases and 1-D params at weight_decay 0. Empty groups are left out."""
+    named = [(key, parameter) for key, parameter in module.named_parameters() if parameter.requires_grad]
     if filter_bias_and_bn:
         decay, no_decay = decay_split(named)
         groups = [
