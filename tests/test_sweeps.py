@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, plugin_data_pb2
 
-from tests.helpers import SMALL_MODEL, TINY, event_dir, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, event_dir, run_cli
 
 
 def test_every_job_of_a_sweep_has_its_run_folder_with_its_overrides(strategy_sweep):
@@ -159,3 +159,27 @@ def test_strategy_benchmark_runs_every_strategy_and_reports(tmp_path, image_fold
         assert f"| {name}-seed1 | {name} | 1 | all | " in report
     plan = json.loads((out / "jobs.json").read_text())["jobs"]
     assert "optimizer.lr=0.003" in plan[-1]["overrides"]  # scratch again at 10x the recipe's lr (AdamW 3e-4)
+
+
+def test_method_benchmark_plans_each_method_on_the_recipe(tmp_path, image_folder):
+    """benchmarks/methods.py: compare.py's command plans the recipe and each method x seeds x shots, and every job
+    composes and passes the config rules as compare.py composes it (what the jobs run is trained in
+    tests/test_regularizers.py and tests/test_peft.py)."""
+    from argparse import Namespace
+
+    from benchmarks import methods
+    from finetune.compare import plan
+    from finetune.validation import validate
+
+    args = Namespace(image_size=32, num_workers=0, epochs=2, overrides=[], seeds="1,2", shots=["10", "all"])
+    command = methods.compare_command(args, image_folder, tmp_path / "compare")
+    jobs = plan(compose_train(tmp_path, command, "compare"))
+    assert len(jobs) == 7 * 2 * 2 and {job.setting for job in jobs} == {"freeze_unfreeze", *methods.METHODS}
+    for job in jobs:
+        if job.seed == 1:
+            cfg = compose_train(tmp_path, [*methods.recipe(args, image_folder), *job.overrides])
+            validate(cfg)
+            assert cfg.strategy.name == "freeze_unfreeze" and cfg.data.shots == job.shots
+    assert (
+        compose_train(tmp_path, [*methods.recipe(args, image_folder), "regularizer=l2sp"]).optimizer.weight_decay == 0
+    )
