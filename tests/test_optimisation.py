@@ -190,7 +190,7 @@ def test_loss_is_weighted_smoothed_cross_entropy_also_on_soft_targets(tmp_path, 
         )
     model.validation_step((torch.zeros(6, 3, 32, 32), soft), 0)  # accuracy against the argmax of soft targets
     predicted = model(torch.zeros(6, 3, 32, 32)).argmax(1)
-    assert model.val_acc.compute() == pytest.approx((predicted == soft.argmax(1)).double().mean().item())
+    assert model.val_metrics.acc.compute() == pytest.approx((predicted == soft.argmax(1)).double().mean().item())
 
 
 def test_default_loss_is_plain_cross_entropy(tmp_path, image_folder):

@@ -29,6 +29,11 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
+    multilabel_average_precision,
+    multilabel_f1_score,
+    multilabel_precision,
+    multilabel_precision_recall_curve,
+    multilabel_recall,
 )
 
 from finetune.data.images import read_rgb
@@ -402,3 +407,121 @@ def write_report(
     text = "\n".join(parts) + "\n"
     (output_dir / "eval.md").write_text(text)
     return Report(text, metrics, after, rendered)
+
+
+@dataclass(frozen=True)
+class MultiLabelScores:
+    """A multi-label model's scores, per class in label order: average precision (AP), and precision, recall and F1
+    at the class's threshold; `support`: the images that have the class. `mean_average_precision` is the macro mean
+    of the APs (as `val/map` is logged), `macro_f1` of the F1s."""
+
+    classes: list[str]
+    average_precision: list[float]
+    thresholds: list[float]
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+    mean_average_precision: float
+    macro_f1: float
+
+
+def multilabel_scores(
+    logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str], thresholds: Sequence[float]
+) -> MultiLabelScores:
+    """The scores of logits (N, C) against multi-hot targets (N, C), an image having a class when its sigmoid is at
+    least the class's threshold. torchmetrics counts the AP of a class without a positive as 0."""
+    if logits.shape != targets.shape or logits.shape != (len(targets), len(classes)) or len(thresholds) != len(classes):
+        raise ValueError(f"expected logits and targets (N, {len(classes)}), got {logits.shape} and {targets.shape}")
+    num, targets = len(classes), targets.int()
+    predicted = (logits.float().sigmoid() >= torch.tensor(list(thresholds))).int()
+    average_precision = multilabel_average_precision(logits.float(), targets, num, average=None)
+    f1 = multilabel_f1_score(predicted, targets, num, average=None)
+    return MultiLabelScores(
+        classes=list(classes),
+        average_precision=average_precision.tolist(),
+        thresholds=[float(t) for t in thresholds],
+        precision=multilabel_precision(predicted, targets, num, average=None).tolist(),
+        recall=multilabel_recall(predicted, targets, num, average=None).tolist(),
+        f1=f1.tolist(),
+        support=targets.sum(dim=0).tolist(),
+        mean_average_precision=float(average_precision.mean()),
+        macro_f1=float(f1.mean()),
+    )
+
+
+def plot_precision_recall(logits: torch.Tensor, targets: torch.Tensor, scores: MultiLabelScores) -> Figure:
+    """Each class's precision-recall curve (AP in the legend), its threshold's point marked."""
+    precision, recall, _ = multilabel_precision_recall_curve(logits.float(), targets.int(), len(scores.classes))
+    fig = Figure(figsize=(6.5, 5), layout="constrained")
+    ax = fig.subplots()
+    for index, name in enumerate(scores.classes):
+        colour = f"C{index % 10}"
+        label = f"{name} (AP {scores.average_precision[index]:.3f})"
+        ax.plot(recall[index].numpy(), precision[index].numpy(), color=colour, label=label)
+        ax.plot(scores.recall[index], scores.precision[index], "o", color=colour)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.set_title(f"precision-recall per class (dots: the thresholds), mAP {scores.mean_average_precision:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower left")
+    return fig
+
+
+@dataclass(frozen=True)
+class MultiLabelReport:
+    """What `write_multilabel_report` wrote: eval.md's text, the scores, the figure's pixels by file name."""
+
+    text: str
+    scores: MultiLabelScores
+    figures: dict[str, np.ndarray]
+
+    @property
+    def scalars(self) -> dict[str, float]:
+        """The numbers beside the logged mAP and F1 at the task's threshold, by TensorBoard name: the macro F1 at the
+        tuned thresholds and each class's AP (`ap/<class>`)."""
+        per_class = dict(zip(self.scores.classes, self.scores.average_precision, strict=True))
+        return {"tuned_f1": self.scores.macro_f1} | {f"ap/{name}": value for name, value in per_class.items()}
+
+    add_figures = Report.add_figures
+
+
+def write_multilabel_report(
+    output_dir: str | os.PathLike,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    classes: Sequence[str],
+    thresholds: Sequence[float],
+    notes: Sequence[str] = (),
+) -> MultiLabelReport:
+    """Writes `eval.md` (mAP, macro F1 at the thresholds, per class AP, threshold, precision, recall, F1, support)
+    and `precision_recall.png` into `output_dir`; `notes` are listed under the title."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scores = multilabel_scores(logits, targets, classes, thresholds)
+    pixels = render(plot_precision_recall(logits, targets, scores))
+    Image.fromarray(pixels).save(output_dir / "precision_recall.png")
+    summary = [
+        ["images", str(len(targets))],
+        ["mAP (macro)", f"{scores.mean_average_precision:.4f}"],
+        ["macro-F1 at the thresholds", f"{scores.macro_f1:.4f}"],
+    ]
+    rows = zip(
+        scores.classes,
+        scores.average_precision,
+        scores.thresholds,
+        scores.precision,
+        scores.recall,
+        scores.f1,
+        scores.support,
+        strict=True,
+    )
+    table = markdown_table(
+        ["class", "AP", "threshold", "precision", "recall", "F1", "support"],
+        [[name, *(f"{v:.3f}" for v in values), str(n)] for name, *values, n in rows],
+    )
+    parts = ["# Evaluation (multi-label)", "", *(f"- {note}" for note in notes), *([""] if notes else [])]
+    parts += [markdown_table(["metric", "value"], summary), "", "## Per class", "", table]
+    parts += ["", "## Precision-recall curves", "", "![precision_recall.png](precision_recall.png)"]
+    text = "\n".join(parts) + "\n"
+    (output_dir / "eval.md").write_text(text)
+    return MultiLabelReport(text, scores, {"precision_recall.png": pixels})

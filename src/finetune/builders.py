@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from hydra import compose
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
@@ -37,21 +37,17 @@ def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
     return instantiate_unwrapped(cfg.data, input_config=backbone_input, _convert_="object")  # a dataclass stays one
 
 
-def balanced_class_weights(counts: Sequence[int]) -> list[float]:
-    """n_samples / (n_classes * count_c), as scikit-learn's `class_weight="balanced"`: each class weighs the same
-    in the loss as a whole."""
-    if not all(counts):
-        raise ConfigError(f"loss.class_weights=balanced: a class has no training images (counts {list(counts)})")
-    return [sum(counts) / (len(counts) * count) for count in counts]
-
-
 def class_weights(loss: DictConfig, datamodule: ImageFolderDataModule) -> list[float] | None:
-    """`loss.class_weights` as one weight per class: null, `balanced` (from the training split), or a list."""
+    """`loss.class_weights` as one weight per class: null, `balanced` (from the training split's class counts, by
+    the loss's `balanced_weights`: a weight per class, BCE's pos_weight), or a list."""
     weights = plain(loss.class_weights)
     if weights is None:
         return None
     if weights == "balanced":
-        return balanced_class_weights(datamodule.class_counts())
+        counts = datamodule.class_counts()
+        if not all(counts):
+            raise ConfigError(f"loss.class_weights=balanced: a class has no training images (counts {counts})")
+        return get_class(loss._target_).balanced_weights(counts, len(datamodule.labels["train"]))
     if isinstance(weights, str) or len(weights) != datamodule.num_classes:
         raise ConfigError(
             f"loss.class_weights={weights} must be null, balanced or a list of {datamodule.num_classes} weights "
@@ -83,6 +79,7 @@ def build_model(cfg: DictConfig, datamodule: ImageFolderDataModule) -> FineTuneM
         loss=loss,
         loss_terms=loss_terms(cfg),
         peft=plain(cfg.get("peft")),
+        task=plain(cfg.task),
         options=ModelOptions(
             sync_batchnorm=model.sync_batchnorm,
             channels_last=model.channels_last,

@@ -48,9 +48,9 @@ class CachedFeatures(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         view = int(torch.randint(len(self.features), ())) if len(self.features) > 1 else 0
-        return self.features[view, index], int(self.labels[index])
+        return self.features[view, index], self.labels[index]  # a class index, or a multi-label vector
 
 
 def backbone_key(backbone: Backbone) -> str:

@@ -14,7 +14,8 @@ from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from finetune.analysis import collapse, write_report
+from finetune.analysis import collapse, write_multilabel_report, write_report
+from finetune.models.tasks import tune_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,56 @@ class FiniteLoss(Callback):
             )
 
 
+def in_split_order(trainer: L.Trainer, pl_module: L.LightningModule, tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """A split's per-sample rows from every rank, in the split's order: under DDP Lightning's DistributedSampler
+    without shuffling gives rank r the samples r, r + W, ..., padded to equal shares."""
+    if trainer.world_size == 1:
+        return tensor
+    return pl_module.all_gather(tensor).transpose(0, 1).flatten(0, 1)[:size]
+
+
+class TuneThresholds(Callback):
+    """Multi-label models: after each validation, the probability threshold per class that maximises its F1 on the
+    validation images (`finetune.models.tasks.tune_thresholds`), into the model's `thresholds`; so every checkpoint
+    saved after it holds the thresholds of its weights, and the test at the end of train.py, prediction and export
+    use them. Single-label models: nothing. The sanity check's few batches tune nothing."""
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.logits, self.targets = [], []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if pl_module.task.multilabel and not trainer.sanity_checking:
+            self.logits.append(outputs.float())
+            self.targets.append(batch[1])
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.logits:
+            return
+        size = len(trainer.val_dataloaders.dataset)
+        logits, targets = (in_split_order(trainer, pl_module, torch.cat(t), size) for t in (self.logits, self.targets))
+        self.logits, self.targets = [], []
+        probs = pl_module.task.probabilities(logits)
+        pl_module.hparams.thresholds = tune_thresholds(probs.cpu(), targets.cpu(), pl_module.task.threshold)
+
+
 class ErrorAnalysis(Callback):
     """After `trainer.test` (the end of train.py): `finetune.analysis.write_report` of the test logits into
     `output_dir` (eval.md, confusion matrix, reliability diagram, most confidently wrong images), its macro-F1,
     balanced accuracy and ECE logged beside test/acc (so they reach the HPARAMS tab), its figures to TensorBoard.
+    A multi-label model's: `write_multilabel_report` (AP, threshold, precision, recall, F1 per class, precision-recall
+    curves), the macro F1 at the tuned thresholds (`test/tuned_f1`) and each class's AP (`test/ap/<class>`).
 
     The logits are those `test_step` returns, so this costs no second pass over the test split. Predictions that
     collapsed (one class for nearly everything, or chance accuracy) are a warning, `test/collapsed` = 1 and, through
@@ -96,19 +143,23 @@ class ErrorAnalysis(Callback):
         logits, labels = torch.cat(self.logits), torch.cat(self.labels)
         self.logits, self.labels = [], []
         dataset = trainer.test_dataloaders.dataset
-        if trainer.world_size > 1:  # DistributedSampler without shuffling: rank r holds r, r + W, ..., padded
-            logits, labels = (
-                pl_module.all_gather(t).transpose(0, 1).flatten(0, 1)[: len(dataset)] for t in (logits, labels)
-            )
+        logits, labels = (in_split_order(trainer, pl_module, t, len(dataset)) for t in (logits, labels))
         if not trainer.is_global_zero:
             return
-        # `image` is there unless the split is cached features (finetune.caching): then no grid of images
-        image = getattr(dataset, "image", None)
-        report = write_report(self.output_dir, logits.cpu(), labels.cpu(), pl_module.classes, image=image)
-        self.collapse = collapse(report.metrics)
-        if self.collapse:
-            log.warning("%s: the run completed, but its model is no classifier (lower optimizer.lr?)", self.collapse)
-        scalars = report.scalars | {"collapsed": float(self.collapse is not None)}
+        if pl_module.task.multilabel:  # the scores per class at the tuned thresholds (no confusion, no top-1)
+            thresholds = pl_module.meta["thresholds"]
+            report = write_multilabel_report(self.output_dir, logits.cpu(), labels.cpu(), pl_module.classes, thresholds)
+            scalars = report.scalars
+        else:
+            # `image` is there unless the split is cached features (finetune.caching): then no grid of images
+            image = getattr(dataset, "image", None)
+            report = write_report(self.output_dir, logits.cpu(), labels.cpu(), pl_module.classes, image=image)
+            self.collapse = collapse(report.metrics)
+            if self.collapse:
+                log.warning(
+                    "%s: the run completed, but its model is no classifier (lower optimizer.lr?)", self.collapse
+                )
+            scalars = report.scalars | {"collapsed": float(self.collapse is not None)}
         pl_module.log_dict({f"test/{name}": value for name, value in scalars.items()}, rank_zero_only=True)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

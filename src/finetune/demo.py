@@ -50,9 +50,13 @@ def import_gradio() -> ModuleType:
 
 def class_probabilities(model: FineTuneModule, image: torch.Tensor) -> dict[str, float]:
     """What the page shows for one transformed image: each class and its probability, softmax(logits /
-    temperature) as predict.py computes it (the page lists the `demo.top_k` highest). The one place that decides
-    what is shown: a model of another kind (multi-label: the labels above their thresholds) changes it here."""
-    probs = softmax_probs(model, image.unsqueeze(0), model.meta["temperature"])[0]
+    temperature) as predict.py computes it (the page lists the `demo.top_k` highest). A multi-label model's: the
+    labels predict.py writes, those whose sigmoid(logits / temperature) is at least their threshold, with it."""
+    meta = model.meta
+    if meta.get("multilabel"):
+        probs = (model(image.unsqueeze(0))[0].float() / meta["temperature"]).sigmoid().tolist()
+        return {c: p for c, p, t in zip(model.classes, probs, meta["thresholds"], strict=True) if p >= t}
+    probs = softmax_probs(model, image.unsqueeze(0), meta["temperature"])[0]
     return dict(zip(model.classes, probs.tolist(), strict=True))
 
 

@@ -7,7 +7,8 @@ The exported graph maps normalised float images (N, 3, image_size, image_size), 
 (N, C), output `logits`; the batch size N is free. `<file>.json` beside it holds the rest a client needs:
 the class names in label order, the eval transform (`InputConfig.to_dict`: the short side resized to `resize`
 with `interpolation`, the centre crop `image_size`, normalised by `mean` and `std`) and the `temperature` to
-divide logits by.
+divide logits by; a multi-label model's also `multilabel: true` and `thresholds`, one per class: an image has the
+classes whose sigmoid(logits / temperature) is at least their threshold (not the softmax below).
 
 Classify a JPEG with onnxruntime, PIL and numpy only, as the project's eval transform does:
 
@@ -65,6 +66,7 @@ INPUT, OUTPUT = "images", "logits"
 class Parity:
     max_abs_diff: float  # between the exported file's logits and the PyTorch model's
     top1_agrees: bool  # on every input
+    labels_agree: bool | None = None  # multi-label: the same classes above the thresholds on every input
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -73,7 +75,8 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 def write_sidecar(meta: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """`<path>.json`: the classes, `InputConfig.to_dict()` of `meta` (image_size, mean, std, crop_pct,
-    interpolation, resize) and the temperature, as plain JSON types."""
+    interpolation, resize) and the temperature, as plain JSON types; a multi-label model's `multilabel: true` and
+    a threshold per class (an image has a class when sigmoid(logits / temperature) is at least its threshold)."""
     missing = [key for key in SIDECAR_KEYS if key not in meta]
     if missing:
         raise ValueError(f"meta lacks {', '.join(missing)} (needs {', '.join(SIDECAR_KEYS)})")
@@ -82,6 +85,8 @@ def write_sidecar(meta: Mapping[str, Any], path: str | os.PathLike) -> Path:
         **InputConfig.from_dict(meta).to_dict(),
         "temperature": float(meta["temperature"]),
     }
+    if meta.get("multilabel"):
+        data |= {"multilabel": True, "thresholds": [float(t) for t in meta["thresholds"]]}
     target = sidecar_path(path)
     target.write_text(json.dumps(data, indent=2) + "\n")
     return target
@@ -158,13 +163,20 @@ def load_exported(path: str | os.PathLike) -> Callable[[torch.Tensor], torch.Ten
     return lambda images: module(images.cpu())
 
 
-def check_parity(model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor) -> Parity:
-    """Runs the exported file and the model (in eval mode) on the same `inputs` and compares their logits."""
+def check_parity(
+    model: nn.Module, path: str | os.PathLike, inputs: torch.Tensor, thresholds: list[float] | None = None
+) -> Parity:
+    """Runs the exported file and the model (in eval mode) on the same `inputs` and compares their logits, and with
+    `thresholds` (multi-label) the classes whose sigmoid is at least its threshold."""
     run = load_exported(path)
     with _eval_mode(model), torch.inference_mode():
         expected = model(inputs.to(next(model.parameters()).device)).float().cpu()
         got = run(inputs).float()
-    return Parity(float((got - expected).abs().max()), bool((got.argmax(dim=1) == expected.argmax(dim=1)).all()))
+    top1 = bool((got.argmax(dim=1) == expected.argmax(dim=1)).all())
+    if thresholds is None:
+        return Parity(float((got - expected).abs().max()), top1)
+    above = [logits.sigmoid() >= torch.tensor(thresholds) for logits in (got, expected)]
+    return Parity(float((got - expected).abs().max()), top1, bool(torch.equal(*above)))
 
 
 FORMATS = {"onnx": (".onnx", export_onnx), "torchscript": (".pt", export_torchscript)}
@@ -197,9 +209,11 @@ def export_checkpoint(cfg: DictConfig) -> tuple[Path, Parity]:
     exporter(merged(model.network()), model.meta, path)  # LoRA's updates in the weights: a plain network
     print(f"Exported {path} and its sidecar {sidecar_path(path).name} in {time.perf_counter() - start:.1f} s")
     inputs, source = parity_inputs(datamodule, model.input_config)
-    parity = check_parity(model, path, inputs)
-    top1 = "the same" if parity.top1_agrees else "DIFFERENT"
-    print(f"Parity with PyTorch on {source}: max |logit difference| {parity.max_abs_diff:.1e}, top-1 {top1}")
+    parity = check_parity(model, path, inputs, model.meta.get("thresholds"))
+    agrees = parity.top1_agrees if parity.labels_agree is None else parity.labels_agree
+    decision = "top-1" if parity.labels_agree is None else "labels above the thresholds"
+    same = "the same" if agrees else "DIFFERENT"
+    print(f"Parity with PyTorch on {source}: max |logit difference| {parity.max_abs_diff:.1e}, {decision} {same}")
     return path, parity
 
 

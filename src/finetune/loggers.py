@@ -53,9 +53,9 @@ NOT_COMPARED = frozenset(
     }
 )
 # Config groups whose choice (`optimizer: sgd`) is a setting of its own
-GROUPS = ("experiment", "data", "model", "strategy", "optimizer", "scheduler", "loss", "regularizer", "peft")
+GROUPS = ("experiment", "data", "model", "strategy", "optimizer", "scheduler", "loss", "regularizer", "peft", "task")
 # The HPARAMS tab's metrics a sweep is judged by, listed first
-HEADLINE = ("hp/val/acc", "hp/test/acc", "hp/test/macro_f1")
+HEADLINE = ("hp/val/acc", "hp/test/acc", "hp/test/macro_f1", "hp/val/map", "hp/test/map")
 
 
 def compared(key: str) -> bool:

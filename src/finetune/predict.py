@@ -1,4 +1,5 @@
-"""Streaming inference over image files: a file, a folder (recursive) or a glob, to a CSV of top-k predictions.
+"""Streaming inference over image files: a file, a folder (recursive) or a glob, to a CSV of top-k predictions
+(multi-label: the labels above their thresholds and every class's probability).
 
 Files are found lazily and read batch by batch, so a folder of any size costs memory for one batch of
 images (and, for a glob, its list of paths). A file that cannot be read (truncated, empty, not an image)
@@ -26,12 +27,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from finetune.analysis import check_tta, softmax_probs
+from finetune.analysis import check_tta, tta_logits
 from finetune.builders import rebuild
 from finetune.config import CONFIG_DIR
 from finetune.data.images import IMAGE_EXTENSIONS, ImageReadError, read_rgb
 from finetune.data.transforms import eval_transform
-from finetune.errors import MissingFileError, exit_on_user_error
+from finetune.errors import ConfigError, MissingFileError, exit_on_user_error
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Item = tuple[str, torch.Tensor | None, str]  # path, image (None if unreadable), error ("" if none)
@@ -112,15 +113,44 @@ def collate(items: list[Item]) -> tuple[list[str], list[str], torch.Tensor | Non
 class PredictionSummary:
     images: int  # files seen, readable or not
     errors: int  # files that could not be read
-    per_class: dict[str, int]  # readable images by top-1 class, every class listed
+    per_class: dict[str, int]  # readable images by top-1 class (multi-label: with the class), every class listed
 
 
-def _header(top_k: int) -> list[str]:
-    return [
-        "path",
-        *itertools.chain.from_iterable((f"top{i}_class", f"top{i}_prob") for i in range(1, top_k + 1)),
-        "error",
-    ]
+class TopK:
+    """Single-label rows: the `top_k` classes and their probabilities, softmax(logits / temperature), the most likely
+    first (`top_k` is capped at the number of classes); an image counts for its top-1 class."""
+
+    def __init__(self, meta: Mapping[str, Any], top_k: int):
+        self.classes, self.temperature = list(meta["classes"]), float(meta["temperature"])
+        self.top_k = min(top_k, len(self.classes))
+        self.header = list(
+            itertools.chain.from_iterable((f"top{i}_class", f"top{i}_prob") for i in range(1, self.top_k + 1))
+        )
+
+    def rows(self, logits: torch.Tensor) -> Iterator[tuple[list[str], list[str]]]:
+        """Each image's cells and the classes it counts for."""
+        values, indices = (logits / self.temperature).softmax(dim=1).topk(self.top_k, dim=1)
+        for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
+            names = [self.classes[i] for i in row_indices]
+            cells = itertools.chain.from_iterable((n, f"{p:.6f}") for n, p in zip(names, row_values, strict=True))
+            yield list(cells), names[:1]
+
+
+class AboveThreshold:
+    """Multi-label rows (`meta["multilabel"]`): the classes whose sigmoid(logits / temperature) is at least their
+    threshold (`meta["thresholds"]`), joined by `|` (empty: none), then every class's probability (`prob_<class>`);
+    an image counts for each of its classes."""
+
+    def __init__(self, meta: Mapping[str, Any]):
+        self.classes, self.temperature = list(meta["classes"]), float(meta["temperature"])
+        self.thresholds = torch.tensor(meta["thresholds"])
+        self.header = ["labels", *(f"prob_{name}" for name in self.classes)]
+
+    def rows(self, logits: torch.Tensor) -> Iterator[tuple[list[str], list[str]]]:
+        probs = (logits / self.temperature).sigmoid().cpu()
+        for row in probs:
+            labels = [name for name, above in zip(self.classes, row >= self.thresholds, strict=True) if above]
+            yield ["|".join(labels), *(f"{p:.6f}" for p in row.tolist())], labels
 
 
 def default_device() -> torch.device:
@@ -141,11 +171,12 @@ def predict(
     tta: str = "none",
     progress: bool = True,
 ) -> PredictionSummary:
-    """Classifies every path in batches on `device` (default: cuda if available), softmax(logits / temperature),
-    writing one CSV row per file as its batch finishes: path, top-k classes and probabilities (most likely first;
-    `top_k` is capped at the number of classes), error. Moves `model` to `device` and puts it in eval mode."""
-    classes = list(meta["classes"])
-    top_k = min(top_k, len(classes))
+    """Classifies every path in batches on `device` (default: cuda if available), writing one CSV row per file as
+    its batch finishes: path, the prediction's cells (`TopK`, or for a multi-label model `AboveThreshold`), error.
+    Moves `model` to `device` and puts it in eval mode."""
+    if meta.get("multilabel") and tta != "none":
+        raise ConfigError(f"predict.tta={tta} averages softmax predictions: for single-label models only")
+    rows = AboveThreshold(meta) if meta.get("multilabel") else TopK(meta, top_k)
     device = torch.device(device) if device is not None else default_device()
     model.eval().to(device)
     loader = DataLoader(
@@ -164,28 +195,24 @@ def predict(
         torch.inference_mode(),
     ):
         writer = csv.writer(file)
-        writer.writerow(_header(top_k))
+        writer.writerow(["path", *rows.header, "error"])
         task = bar.add_task("predicting", total=None)
         for batch_paths, batch_errors, images in loader:
-            ranked: Iterator[tuple[list[float], list[int]]] = iter(())
+            predicted: Iterator[tuple[list[str], list[str]]] = iter(())
             if images is not None:
-                probs = softmax_probs(model, images.to(device, non_blocking=True), float(meta["temperature"]), tta)
-                ranked = zip(*(t.tolist() for t in probs.topk(top_k, dim=1)), strict=True)
+                predicted = rows.rows(tta_logits(model, images.to(device, non_blocking=True), tta))
             for path, error in zip(batch_paths, batch_errors, strict=True):
                 if error:
-                    writer.writerow([path, *[""] * (2 * top_k), error])
+                    writer.writerow([path, *[""] * len(rows.header), error])
                     errors += 1
                     continue
-                values, indices = next(ranked)
-                counts[classes[indices[0]]] += 1
-                cells = itertools.chain.from_iterable(
-                    (classes[i], f"{p:.6f}") for p, i in zip(values, indices, strict=True)
-                )
+                cells, counted = next(predicted)
+                counts.update(counted)
                 writer.writerow([path, *cells, ""])
             seen += len(batch_paths)
             file.flush()  # rows of finished batches survive an interrupted run
             bar.update(task, completed=seen)
-    return PredictionSummary(seen, errors, {name: counts[name] for name in classes})
+    return PredictionSummary(seen, errors, {name: counts[name] for name in rows.classes})
 
 
 def predict_files(cfg: DictConfig) -> PredictionSummary:

@@ -26,13 +26,20 @@ from omegaconf import OmegaConf
 from finetune.run_status import read_status
 
 CURVES = ("val/acc", "val/loss", "train/acc_epoch", "train/loss_epoch")
+# What runs are judged by (their task's headline metric, `finetune.models.tasks`): the tag after `val/` and `test/`,
+# its short name in tables and its name in plots; multi-label runs log the mean average precision
+HEADLINES = {"acc": ("acc", "accuracy"), "map": ("mAP", "mAP")}
 # Runs that differ only in these are repeats of one setting (seeds, cross-validation folds), by their plural
 REPEATS = {"seed": "seeds", "data.fold": "folds"}
 GROUPED_OUT = tuple(REPEATS)
 
 
 # The figures of a run's test error analysis shown for the best run, by caption.
-ERROR_FIGURES = {"Confusion matrix": "confusion_matrix.png", "Most confidently wrong": "top_errors.png"}
+ERROR_FIGURES = {
+    "Confusion matrix": "confusion_matrix.png",
+    "Most confidently wrong": "top_errors.png",
+    "Precision-recall curves": "precision_recall.png",  # a multi-label run's
+}
 
 
 @dataclass
@@ -47,16 +54,28 @@ class Run:
     wall_time_s: float
     curves: dict[str, list[float]]  # per epoch, index = epoch
     test_acc: float
-    test_macro_f1: float
+    test_macro_f1: float  # multi-label: at the tuned thresholds
     collapsed: str | None = None  # why its test predictions collapsed (`finetune.analysis.collapse`), if they did
+    test_map: float = math.nan
+    headline: str = "acc"  # what it is judged by, a key of HEADLINES: `map` for a multi-label run
 
     @property
     def best_val_acc(self) -> float:
         return max(self.curves.get("val/acc") or [math.nan])
 
     @property
+    def best_val(self) -> float:
+        """The best validation value of its headline metric (accuracy, or mAP)."""
+        return max(self.curves.get(f"val/{self.headline}") or [math.nan])
+
+    @property
+    def test(self) -> float:
+        """Its test value of its headline metric."""
+        return self.test_map if self.headline == "map" else self.test_acc
+
+    @property
     def epochs(self) -> int:
-        return len(self.curves.get("val/acc", []))
+        return len(self.curves.get("val/loss", []))
 
 
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -96,7 +115,7 @@ def _per_epoch(scalars: dict[str, dict[int, float]]) -> dict[str, list[float]]:
     """Lightning logs `epoch` at every step it logs metrics, which maps each step to its epoch."""
     epoch_at = {step: int(value) for step, value in scalars.get("epoch", {}).items()}
     curves = {}
-    for tag in CURVES:
+    for tag in (*CURVES, *(["val/map"] if "val/map" in scalars else [])):  # a multi-label run's headline
         by_epoch = {epoch_at[step]: value for step, value in sorted(scalars.get(tag, {}).items()) if step in epoch_at}
         curves[tag] = [by_epoch[e] for e in sorted(by_epoch)]
     return curves
@@ -128,7 +147,9 @@ def load_run(run_dir: Path, name: str) -> Run:
         wall_time_s=float(status.get("wall_time_s", math.nan)),
         curves=_per_epoch(scalars),
         test_acc=last("test/acc"),
-        test_macro_f1=last("test/macro_f1"),
+        test_macro_f1=last("test/macro_f1") if "test/macro_f1" in scalars else last("test/tuned_f1"),
+        test_map=last("test/map"),
+        headline="map" if "val/map" in scalars else "acc",
     )
 
 
@@ -176,16 +197,22 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def headline(runs: Sequence[Run]) -> tuple[str, str]:
+    """The short name and the name of what the runs are judged by (`HEADLINES`): mAP if any run is multi-label."""
+    return HEADLINES["map" if any(run.headline == "map" for run in runs) else "acc"]
+
+
 def runs_table(runs: Sequence[Run]) -> str:
-    """One row per run: the overrides that differ, best val acc, test acc and macro-F1, epochs, wall time, status."""
-    keys = varying_keys(runs)
-    header = ["run", *keys, "best val acc", "test acc", "test macro-F1", "epochs", "wall time (s)", "status"]
+    """One row per run: the overrides that differ, best val acc, test acc (mAP for multi-label runs) and macro-F1,
+    epochs, wall time, status."""
+    keys, (short, _) = varying_keys(runs), headline(runs)
+    header = ["run", *keys, f"best val {short}", f"test {short}", "test macro-F1", "epochs", "wall time (s)", "status"]
     rows = [
         [
             run.name,
             *(_value(run.overrides.get(k)) for k in keys),
-            fmt(run.best_val_acc),
-            fmt(run.test_acc),
+            fmt(run.best_val),
+            fmt(run.test),
             fmt(run.test_macro_f1),
             str(run.epochs),
             fmt(run.wall_time_s, 0),
@@ -226,7 +253,8 @@ def repeated_over(runs: Sequence[Run]) -> str:
 
 def summary_table(runs: Sequence[Run]) -> str:
     """Repeats of one setting (seeds, folds) as mean ± sample std over its completed runs."""
-    header = ["setting", "completed", "best val acc", "test acc", "test macro-F1", "wall time (s)"]
+    short, _ = headline(runs)
+    header = ["setting", "completed", f"best val {short}", f"test {short}", "test macro-F1", "wall time (s)"]
     rows = []
     for label, members in groups(runs).items():
         done = [r for r in members if r.status == "completed"]
@@ -234,8 +262,8 @@ def summary_table(runs: Sequence[Run]) -> str:
             [
                 label,
                 f"{len(done)}/{len(members)}",
-                mean_std([r.best_val_acc for r in done]),
-                mean_std([r.test_acc for r in done]),
+                mean_std([r.best_val for r in done]),
+                mean_std([r.test for r in done]),
                 mean_std([r.test_macro_f1 for r in done]),
                 fmt(statistics.mean(r.wall_time_s for r in done), 0) if done else "-",
             ]
@@ -244,10 +272,10 @@ def summary_table(runs: Sequence[Run]) -> str:
 
 
 def best_run(runs: Sequence[Run]) -> Run | None:
-    """The completed run with the best validation accuracy (the test split does not choose; a collapsed run is no
-    candidate), None if none."""
-    done = [r for r in runs if r.status == "completed" and not r.collapsed and not math.isnan(r.best_val_acc)]
-    return max(done, key=lambda r: r.best_val_acc, default=None)
+    """The completed run with the best validation accuracy (mAP for multi-label runs; the test split does not
+    choose; a collapsed run is no candidate), None if none."""
+    done = [r for r in runs if r.status == "completed" and not r.collapsed and not math.isnan(r.best_val)]
+    return max(done, key=lambda r: r.best_val, default=None)
 
 
 def error_figures(run: Run) -> dict[str, Path]:
@@ -263,11 +291,11 @@ def plot_curves(runs: Sequence[Run]) -> Figure:
     axes = fig.subplots(1, 2)
     for index, (label, members) in enumerate(groups(runs).items()):
         for n, run in enumerate(members):
-            for ax, tag in zip(axes, ("val/acc", "val/loss"), strict=True):
+            for ax, tag in zip(axes, (f"val/{run.headline}", "val/loss"), strict=True):
                 values = run.curves.get(tag, [])
                 first = n == 0 and ax is axes[0]  # one legend entry per setting
                 ax.plot(range(len(values)), values, marker="o", color=f"C{index % 10}", label=label if first else None)
-    for ax, title in zip(axes, ("validation accuracy", "validation loss"), strict=True):
+    for ax, title in zip(axes, (f"validation {headline(runs)[1]}", "validation loss"), strict=True):
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -289,7 +317,7 @@ def plot_lr(runs: Sequence[Run]) -> Figure | None:
     for index, (label, members) in enumerate(series.items()):
         done = [r for r in members if r.status == "completed"]
         lrs = sorted({r.lr for r in done})
-        for metric, style, name in (("best_val_acc", "o-", "best val"), ("test_acc", "s--", "test")):
+        for metric, style, name in (("best_val", "o-", "best val"), ("test", "s--", "test")):
             values = [getattr(r, metric) for r in done]
             means = [statistics.mean(v for r, v in zip(done, values, strict=True) if r.lr == lr) for lr in lrs]
             ax.scatter([r.lr for r in done], values, marker=style[0], color=f"C{index}", alpha=0.4)
@@ -298,7 +326,8 @@ def plot_lr(runs: Sequence[Run]) -> Figure | None:
     failed = [r.lr for r in runs if r.status == "failed" and r.lr is not None]
     if failed:
         ax.plot(failed, [0.0] * len(failed), "x", color="red", markersize=10, label="failed")
-    ax.set(xscale="log", xlabel="optimizer.lr", ylabel="accuracy", title="accuracy against lr")
+    name = headline(runs)[1]
+    ax.set(xscale="log", xlabel="optimizer.lr", ylabel=name, title=f"{name} against lr")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return fig
@@ -312,17 +341,18 @@ def plot_strategies(runs: Sequence[Run]) -> Figure | None:
     for label, members in groups(runs).items():
         done = [r for r in members if r.status == "completed"]
         labels.append(label.replace(" ", "\n"))
-        stats.append([mean_and_std([getattr(r, key) for r in done])[:2] for key in ("best_val_acc", "test_acc")])
+        stats.append([mean_and_std([getattr(r, key) for r in done])[:2] for key in ("best_val", "test")])
     fig = Figure(figsize=(max(6.0, 1.3 * len(labels)), 4.5), layout="constrained")
     ax = fig.subplots()
     width = 0.4
-    for offset, (name, column) in enumerate((("best val acc", 0), ("test acc", 1))):
+    short, name = headline(runs)
+    for offset, (bar, column) in enumerate(((f"best val {short}", 0), (f"test {short}", 1))):
         xs = [i + (offset - 0.5) * width for i in range(len(labels))]
         means, stds = zip(*(s[column] for s in stats), strict=True)
-        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
+        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=bar)
         ax.bar_label(bars, fmt="%.3f", fontsize="x-small", padding=2)
     ax.set_xticks(range(len(labels)), labels, fontsize="small", rotation=20, ha="right")
-    ax.set(ylabel="accuracy", ylim=(0, 1.05), title=f"strategies (mean ± std over {repeated_over(runs)})")
+    ax.set(ylabel=name, ylim=(0, 1.05), title=f"strategies (mean ± std over {repeated_over(runs)})")
     ax.legend(fontsize="small", loc="lower right")
     return fig
 
@@ -343,14 +373,12 @@ def write_report(folder: str | os.PathLike) -> str:
         parts += ["", f"## Summary (mean ± std over {repeated_over(runs)})", "", summary_table(runs)]
     best = best_run(runs)
     if best is not None:
-        parts += [
-            "",
-            f"## Best run: {best.name} (best val acc {best.best_val_acc:.3f}, test acc {fmt(best.test_acc)})",
-        ]
+        short = headline(runs)[0]
+        parts += ["", f"## Best run: {best.name} (best val {short} {best.best_val:.3f}, test {short} {fmt(best.test)})"]
         figures = error_figures(best)
         for caption, path in figures.items():
             parts += ["", f"{caption}:", "", f"![{caption}]({path.relative_to(folder).as_posix()})"]
-        if "Most confidently wrong" not in figures and figures:
+        if "Confusion matrix" in figures and "Most confidently wrong" not in figures:
             parts += ["", "No test image was wrong."]
     plots = {"curves.png": plot_curves(runs), "acc_vs_lr.png": plot_lr(runs), "strategies.png": plot_strategies(runs)}
     parts += ["", "## Plots", ""]

@@ -11,7 +11,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # The settings that make a run what it is: stored in its checkpoints, and logged for TensorBoard's HPARAMS tab.
-SETTINGS = ("seed", "data", "model", "strategy", "optimizer", "scheduler", "loss", "loss_terms", "regularizer", "peft")
+SETTINGS = (
+    "seed",
+    "data",
+    "model",
+    "strategy",
+    "optimizer",
+    "scheduler",
+    "loss",
+    "loss_terms",
+    "regularizer",
+    "peft",
+    "task",
+)
 
 
 def plain(config: Any) -> Any:

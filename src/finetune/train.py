@@ -111,12 +111,13 @@ def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str,
         verdicts = [c.collapse for c in trainer.callbacks if isinstance(c, ErrorAnalysis) and c.collapse]
         if verdicts and status is not None:
             status["collapsed"] = verdicts[0]
-        final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss", "macro_f1", "ece"))}
+        final = {f"hp/{k}": v for k, v in metrics.items() if k.endswith(("acc", "loss", "f1", "ece", "map"))}
         for logger in trainer.loggers:  # the HPARAMS tab pairs each run's settings with these; other loggers have them
             if isinstance(logger, TensorBoardLogger):
                 log_hparams_tab(logger, settings, final, varied_keys())
     if trainer.is_global_zero:  # DDP: every rank holds the same reduced metrics
-        print(f"Test accuracy: {metrics.get('test/acc', float('nan')):.4f}  (outputs in {cfg.paths.output_dir})")
+        key, name = model.task.headline  # test/acc, accuracy
+        print(f"Test {name}: {metrics.get(f'test/{key}', float('nan')):.4f}  (outputs in {cfg.paths.output_dir})")
     return metrics
 
 

@@ -15,6 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.data.store import device_augment_blocker
 from finetune.data.transforms import AUGMENTATIONS, augmentation_name
 from finetune.errors import ConfigError
+from finetune.models.losses import BCEWithLogits, CrossEntropy
+from finetune.models.tasks import MultiLabel
 from finetune.run_status import command_line
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,36 @@ def _peft_problems(cfg: DictConfig) -> Iterator[str]:
         yield f"peft.dropout={dropout} must be in [0, 1) (0 = off)"
 
 
+def _name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__name__}"
+
+
+def _multilabel_problems(cfg: DictConfig) -> Iterator[str]:
+    """Multi-label data, task and loss go together (data=multilabel chooses the other two), and what mixes or draws
+    by a single class is for single-label data: MixUp/CutMix (torchvision's take class indices, and a CutMix patch
+    can cut a labelled object out of the image) and the class-balanced sampler."""
+    multilabel = OmegaConf.select(cfg, "task._target_") == _name(MultiLabel)
+    data = OmegaConf.select(cfg, "data._target_") == "finetune.data.MultiLabelDataModule"
+    loss = OmegaConf.select(cfg, "loss._target_")
+    if data != multilabel:
+        yield (
+            "data=multilabel trains with task=multilabel (data=multilabel chooses it): leave out task=..."
+            if data
+            else "task=multilabel needs multi-label data: data=multilabel data.root=DIR (train.csv, test.csv)"
+        )
+    if multilabel and loss == _name(CrossEntropy):
+        yield "loss=default (cross-entropy) is for one class per image: data=multilabel trains with loss=multilabel"
+    if not multilabel and loss == _name(BCEWithLogits):
+        yield "loss=multilabel takes multi-hot targets (data=multilabel): single-label data trains with loss=default"
+    if not multilabel:
+        return
+    mixing = [key for key in ("data.mixup", "data.cutmix") if OmegaConf.select(cfg, key)]
+    if mixing:
+        yield f"{' and '.join(mixing)} mix single-label images, not multi-label ones: set them to 0 with data=multilabel"
+    if OmegaConf.select(cfg, "data.sampler") == "balanced":
+        yield "data.sampler=balanced draws by an image's one class: with data=multilabel use loss.class_weights=balanced"
+
+
 def _missing(value: object, key: str = "") -> Iterator[str]:
     """The keys whose value is `???` in a plain container (OmegaConf.missing_keys resolves every interpolation)."""
     if isinstance(value, dict):
@@ -270,8 +302,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += _augmentation_problems(cfg)
     problems += _store_problems(cfg)
     problems += _fold_problems(cfg)
-    problems += _peft_problems(cfg)
+    problems += _multilabel_problems(cfg)
     problems += _regularizer_problems(cfg)
+    problems += _peft_problems(cfg)
     return problems
 
 

@@ -53,7 +53,8 @@ class CrossEntropy(nn.Module):
     indices or (N, C) probabilities (as MixUp/CutMix make them).
 
     `class_weights`: one per class in label order, or None (all 1); `loss.class_weights=balanced` is resolved
-    from the training split by the builder. A buffer outside the state dict: the settings rebuild it."""
+    from the training split by the builder (`balanced_weights`). A buffer outside the state dict: the settings
+    rebuild it."""
 
     def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None):
         super().__init__()
@@ -61,5 +62,34 @@ class CrossEntropy(nn.Module):
         weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
+    @staticmethod
+    def balanced_weights(counts: Sequence[int], images: int) -> list[float]:
+        """n_samples / (n_classes * count_c), as scikit-learn's `class_weight="balanced"`: each class weighs the same
+        in the loss as a whole."""
+        return [images / (len(counts) * count) for count in counts]
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
+
+
+class BCEWithLogits(nn.Module):
+    """Binary cross-entropy of a sigmoid per class against multi-hot targets (N, C), any number of classes per
+    image (`conf/loss/multilabel.yaml`, `data=multilabel`).
+
+    `class_weights`: a weight on each class's positives (PyTorch's `pos_weight`), or None (all 1);
+    `loss.class_weights=balanced`: a class's negatives over its positives in the training split
+    (`balanced_weights`), so a rare label's few positives weigh as much as its many negatives. A buffer outside the
+    state dict: the settings rebuild it."""
+
+    def __init__(self, class_weights: Sequence[float] | None = None):
+        super().__init__()
+        weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    @staticmethod
+    def balanced_weights(counts: Sequence[int], images: int) -> list[float]:
+        """Each class's negatives over its positives (`counts`: the images that have the class)."""
+        return [(images - count) / count for count in counts]
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=self.class_weights)

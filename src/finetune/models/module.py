@@ -8,6 +8,8 @@ instantiates, so the module does not grow with the methods:
   `finetune.models.param_groups`;
 - which of the backbone's parameters can train, or adapters beside its layers (`peft`: BitFit, norm-only, LoRA),
   a function applied to the backbone once it is built, `finetune.models.parameter_efficient`;
+- the kind of classification: how logits become probabilities, and the metrics of each split (`task`),
+  `finetune.models.tasks`;
 - which stages train when (`finetune.finetuning.StageUnfreezing`) and steps after training (the feature cache,
   weight averaging, the error analysis): callbacks, `callbacks` in conf/.
 """
@@ -23,13 +25,13 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from finetune.errors import ConfigError, instantiate_unwrapped
 from finetune.models.backbones import InputConfig, load_checkpoint_file
 from finetune.models.head_init import init_head_from_source
 from finetune.models.losses import CrossEntropy, StepOutput
 from finetune.models.param_groups import LrMultipliers, named_groups, stage_groups
+from finetune.models.tasks import SingleLabel
 
 # The loss of checkpoints that stored its settings without a `_target_` (before losses were plug-ins), and the
 # param-group rule of those that stored none
@@ -100,8 +102,12 @@ class FineTuneModule(L.LightningModule):
       `regularizer` here), its parameters, if any, in the param group `loss_terms`;
     - `peft`: the partial config of a backbone adapter (`finetune.models.parameter_efficient`), applied before
       anything else sees the backbone (None: every backbone parameter can train);
+    - `task`: the config of the kind of classification (`finetune.models.tasks`; None: single-label), which makes
+      the metrics logged as `<split>/<name>`;
     - `options`: the `model.*` switches (`ModelOptions`);
-    - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`).
+    - `temperature`: what prediction divides the logits by (fitted by `eval.py eval.calibrate=true`);
+    - `thresholds`: multi-label, a probability threshold per class (tuned on validation by
+      `finetune.callbacks.TuneThresholds`; None: the task's `threshold`).
     """
 
     def __init__(
@@ -115,8 +121,10 @@ class FineTuneModule(L.LightningModule):
         loss: dict[str, Any] | None = None,
         loss_terms: dict[str, dict[str, Any]] | None = None,
         peft: dict[str, Any] | None = None,
+        task: dict[str, Any] | None = None,
         options: ModelOptions | None = None,
         temperature: float = 1.0,
+        thresholds: list[float] | None = None,
     ):
         super().__init__()  # the multipliers are checked with the config (finetune.validation)
         options = options or ModelOptions()
@@ -131,8 +139,10 @@ class FineTuneModule(L.LightningModule):
             "loss": loss,
             "loss_terms": loss_terms,
             "peft": peft,
+            "task": task,
             "options": asdict(options),
             "temperature": temperature,
+            "thresholds": thresholds,
         }
         self.save_hyperparameters(settings, logger=False)  # train.py logs the settings that tell runs apart
         self.strategy, self.options = strategy, options
@@ -154,9 +164,8 @@ class FineTuneModule(L.LightningModule):
         if options.compile:  # stage by stage, so a frozen prefix still runs under no_grad (see Backbone)
             for stage in self.backbone.stages:
                 stage.compile()
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(len(classes), average="micro") for _ in range(3)
-        )
+        self.task = SingleLabel() if task is None else instantiate(task, _convert_="all")
+        self.train_metrics, self.val_metrics, self.test_metrics = (self.task.metrics(len(classes)) for _ in range(3))
         # last: a term may keep what it needs of the finished model (e.g. a copy of the source weights)
         self.loss_terms = nn.ModuleDict(
             {name: instantiate(term, _convert_="all")(self) for name, term in loss_terms.items() if term is not None}
@@ -184,8 +193,10 @@ class FineTuneModule(L.LightningModule):
             loss=settings["loss"],
             loss_terms=settings["loss_terms"],
             peft=settings.get("peft"),  # the adapters exist before the state dict loads
+            task=settings.get("task"),
             options=replace(ModelOptions(**settings["options"]), head_init="default"),  # the head is in it too
             temperature=settings["temperature"],
+            thresholds=settings.get("thresholds"),
         )
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
@@ -200,8 +211,14 @@ class FineTuneModule(L.LightningModule):
 
     @property
     def meta(self) -> dict[str, Any]:
-        """What a client needs besides the weights: classes, the input config and the temperature (plain values)."""
-        return {"classes": self.classes, **self.input_config.to_dict(), "temperature": float(self.hparams.temperature)}
+        """What a client needs besides the weights: classes, the input config and the temperature (plain values), and
+        what the task adds (multi-label: `multilabel` and a threshold per class)."""
+        return {
+            "classes": self.classes,
+            **self.input_config.to_dict(),
+            "temperature": float(self.hparams.temperature),
+            **self.task.meta(len(self.classes), self.hparams.get("thresholds")),
+        }
 
     def network(self) -> nn.Sequential:
         """Backbone and head as a plain module, sharing these weights: what is exported (tracing a LightningModule
@@ -268,18 +285,17 @@ class FineTuneModule(L.LightningModule):
                 value = term(self, output)
                 self.log(f"train/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True)
                 loss = loss + value
-        labels = targets.argmax(1) if targets.ndim == 2 else targets  # MixUp/CutMix: soft labels (N, C)
-        accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, labels)
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True)
+        for name, metric in getattr(self, f"{stage}_metrics")(logits, targets).items():  # finetune.models.tasks
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=True)
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")[0]
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The logits, for the thresholds tuned on validation (`finetune.callbacks.TuneThresholds`)."""
+        return self._step(batch, "val")[1]
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The logits, for the error analysis of the test (`finetune.callbacks.ErrorAnalysis`)."""
