@@ -305,3 +305,12 @@ def test_the_new_data_keys_are_checked(tmp_path: Path, image_folder: Path):
     assert "data.shots=0 must be an integer >= 1" in problems
     assert "data.min_steps_per_epoch=-1 must be an integer >= 0" in problems
     assert not config_problems(compose_train(tmp_path, [*base, "data.shots=5", "data.min_steps_per_epoch=0"]))
+
+
+def test_multi_label_data_is_refused(tmp_path: Path):
+    from finetune.compare import check_single_label
+    from finetune.errors import ConfigError
+
+    check_single_label(compose_train(tmp_path, []))
+    with pytest.raises(ConfigError, match="compare.py ranks settings by single-label test accuracy"):
+        check_single_label(compose_train(tmp_path, ["data=multilabel", f"data.root={tmp_path}"]))

@@ -340,14 +340,14 @@ def test_each_run_logs_its_trainable_parameters_and_writes_them_into_hparams_and
 
 RULES = {
     "peft=bitfit strategy=freeze": (
-        "peft=bitfit trains part of the backbone, but strategy=freeze never trains the backbone "
-        "(strategy.trainable=0 and no strategy.unfreeze_at): use strategy=freeze_unfreeze (the default: the head "
-        "alone first, then what peft=bitfit trains) or strategy=finetune; a linear probe is peft=none"
+        "peft=bitfit trains a few parameters of the pretrained backbone, but strategy=freeze never trains the "
+        "backbone (strategy.trainable=0 and no strategy.unfreeze_at): use peft=none, or strategy=freeze_unfreeze "
+        "(the default: the head alone first, then the backbone) or strategy=finetune"
     ),
     "peft=lora strategy=scratch": (
         "peft=lora trains a few parameters of the pretrained backbone, but strategy.pretrained=false "
-        "(strategy=scratch) starts from a random init, which they cannot adapt: use peft=none with a random init, "
-        "or a strategy that fine-tunes the pretrained backbone (freeze_unfreeze, finetune, gradual, llrd)"
+        "(strategy=scratch) starts from a random init: use peft=none, or a strategy that fine-tunes the pretrained "
+        "backbone (freeze_unfreeze, finetune, gradual, llrd)"
     ),
     "peft=lora peft.r=0": "peft.r=0 must be an integer >= 1",
     "peft=lora peft.alpha=0": "peft.alpha=0 must be > 0",

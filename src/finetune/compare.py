@@ -28,6 +28,7 @@ import hydra
 import torch
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from finetune.builders import build, build_datamodule
@@ -188,6 +189,15 @@ def user_overrides(cfg: DictConfig) -> tuple[list[str], list[str]]:
             )
     passed = [o for o in hydra_cfg.overrides.hydra if not o.lstrip("+~").startswith(OWN_HYDRA)]
     return task, passed
+
+
+def check_single_label(cfg: DictConfig) -> None:
+    """compare.md ranks by test accuracy, which a multi-label run does not have."""
+    if instantiate(cfg.task).multilabel:
+        raise ConfigError(
+            "compare.py ranks settings by single-label test accuracy: compare multi-label runs (test/map) with a "
+            "sweep, python train.py -m data=multilabel ..., and python -m finetune.report on its folder"
+        )
 
 
 def status_of(run_dir: Path) -> str:
@@ -406,6 +416,7 @@ def _run(cfg: DictConfig, folder: Path) -> Path:
         root = cfg.paths.root_dir
         first = compose_config(with_setting(task, todo[0]), root)
         validate(first)
+        check_single_label(first)
         classes = len(build_datamodule(first).classes)  # a missing data folder stops here, not in every job
         warm = None
         if cfg.compare.estimate:

@@ -173,50 +173,47 @@ def _fold_problems(cfg: DictConfig) -> Iterator[str]:
         yield f"data.fold={fold} must be one of 0..{folds - 1} (data.folds={folds}; folds count from 0)"
 
 
-def _regularizer_problems(cfg: DictConfig) -> Iterator[str]:
-    """A regulariser toward the source needs a source (pretrained weights) and a backbone that fine-tunes from it,
-    and a name of its own among the loss terms."""
-    name = OmegaConf.select(cfg, "regularizer.name")
-    if name in (None, "none"):
-        return
+def _source_problems(cfg: DictConfig, method: str, needs: str, instead: str) -> Iterator[str]:
+    """A method that acts on the pretrained backbone (`method`: `regularizer=l2sp`, `peft=lora`) needs pretrained
+    weights and a strategy that trains the backbone at some epoch; `needs`: what it does, `instead`: what to use."""
     strategy = OmegaConf.select(cfg, "strategy.name")
-    instead = (
-        "use regularizer=none, or a strategy that fine-tunes the pretrained backbone "
-        "(freeze_unfreeze, finetune, gradual, llrd)"
-    )
     if OmegaConf.select(cfg, "strategy.pretrained") is False:
         yield (
-            f"regularizer={name} keeps fine-tuning near the pretrained source, but strategy.pretrained=false "
-            f"(strategy={strategy}) starts from a random init, which has no source: {instead}"
+            f"{method} {needs}, but strategy.pretrained=false (strategy={strategy}) starts from a random init: use "
+            f"{instead}, or a strategy that fine-tunes the pretrained backbone (freeze_unfreeze, finetune, gradual, llrd)"
         )
     elif OmegaConf.select(cfg, "strategy.trainable") == 0 and not OmegaConf.select(cfg, "strategy.unfreeze_at"):
         yield (
-            f"regularizer={name} acts on the fine-tuning of the backbone, but strategy={strategy} never trains it "
-            f"(strategy.trainable=0 and no strategy.unfreeze_at): {instead}"
+            f"{method} {needs}, but strategy={strategy} never trains the backbone (strategy.trainable=0 and no "
+            f"strategy.unfreeze_at): use {instead}, or strategy=freeze_unfreeze (the default: the head alone first, "
+            "then the backbone) or strategy=finetune"
         )
+
+
+def _regularizer_problems(cfg: DictConfig) -> Iterator[str]:
+    """A regulariser toward the source needs a source to stay near, and a name of its own among the loss terms."""
+    name = OmegaConf.select(cfg, "regularizer.name")
+    if name in (None, "none"):
+        return
+    yield from _source_problems(
+        cfg, f"regularizer={name}", "keeps the fine-tuned backbone near the pretrained source", "regularizer=none"
+    )
     if name in (OmegaConf.select(cfg, "loss_terms") or {}):
         yield f"regularizer={name} and loss_terms.{name}: two loss terms of one name; rename the loss_terms entry"
 
 
 def _peft_problems(cfg: DictConfig) -> Iterator[str]:
-    """A peft method trains a few parameters of the pretrained backbone: it needs pretrained weights and a strategy
-    that trains the backbone at some epoch; LoRA's dropout is a probability."""
+    """A peft method trains a few parameters of the pretrained backbone; LoRA's dropout is a probability."""
     target = OmegaConf.select(cfg, "peft._target_")
     if target is None:  # peft=none
         return
-    name, strategy = target.rpartition(".")[2], OmegaConf.select(cfg, "strategy.name")
-    if OmegaConf.select(cfg, "strategy.pretrained") is False:
-        yield (
-            f"peft={name} trains a few parameters of the pretrained backbone, but strategy.pretrained=false "
-            f"(strategy={strategy}) starts from a random init, which they cannot adapt: use peft=none with a random "
-            "init, or a strategy that fine-tunes the pretrained backbone (freeze_unfreeze, finetune, gradual, llrd)"
-        )
-    elif OmegaConf.select(cfg, "strategy.trainable") == 0 and not OmegaConf.select(cfg, "strategy.unfreeze_at"):
-        yield (
-            f"peft={name} trains part of the backbone, but strategy={strategy} never trains the backbone "
-            f"(strategy.trainable=0 and no strategy.unfreeze_at): use strategy=freeze_unfreeze (the default: the head "
-            f"alone first, then what peft={name} trains) or strategy=finetune; a linear probe is peft=none"
-        )
+    name = target.rpartition(".")[2]
+    yield from _source_problems(
+        cfg,
+        f"peft={name}",
+        "trains a few parameters of the pretrained backbone",
+        "peft=none",
+    )
     dropout = OmegaConf.select(cfg, "peft.dropout")
     if dropout is not None and not (number(dropout) and 0 <= dropout < 1):
         yield f"peft.dropout={dropout} must be in [0, 1) (0 = off)"
