@@ -62,23 +62,34 @@ class FiniteLoss(Callback):
             )
 
 
-def in_split_order(trainer: L.Trainer, pl_module: L.LightningModule, tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """A split's per-sample rows from every rank, in the split's order: under DDP Lightning's DistributedSampler
-    without shuffling gives rank r the samples r, r + W, ..., padded to equal shares."""
-    if trainer.world_size == 1:
-        return tensor
-    return pl_module.all_gather(tensor).transpose(0, 1).flatten(0, 1)[:size]
-
-
-class TuneThresholds(Callback):
-    """Multi-label models: after each validation, the probability threshold per class that maximises its F1 on the
-    validation images (`finetune.models.tasks.tune_thresholds`), into the model's `thresholds`; so every checkpoint
-    saved after it holds the thresholds of its weights, and the test at the end of train.py, prediction and export
-    use them. Single-label models: nothing. The sanity check's few batches tune nothing."""
+class SplitOutputs(Callback):
+    """Gathers what a split's steps return (the logits) and its targets, batch by batch: `add` in a batch hook, then
+    `take` once at the epoch's end gives them from every rank, in the split's order."""
 
     def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
+
+    def add(self, outputs: torch.Tensor, batch: Any) -> None:
+        self.logits.append(outputs.float())
+        self.targets.append(batch[1])
+
+    def take(self, trainer: L.Trainer, pl_module: L.LightningModule, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the split's `size` samples; the lists start empty again. Under DDP Lightning's
+        DistributedSampler without shuffling gives rank r the samples r, r + W, ..., padded to equal shares."""
+        tensors = torch.cat(self.logits), torch.cat(self.targets)
+        self.logits, self.targets = [], []
+        if trainer.world_size == 1:
+            return tensors
+        logits, targets = (pl_module.all_gather(t).transpose(0, 1).flatten(0, 1)[:size] for t in tensors)
+        return logits, targets
+
+
+class TuneThresholds(SplitOutputs):
+    """Multi-label models: after each validation, the probability threshold per class that maximises its F1 on the
+    validation images (`finetune.models.tasks.tune_thresholds`), into the model's `thresholds`; so every checkpoint
+    saved after it holds the thresholds of its weights, and the test at the end of train.py, prediction and export
+    use them. Single-label models: nothing. The sanity check's few batches tune nothing."""
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.logits, self.targets = [], []
@@ -93,20 +104,17 @@ class TuneThresholds(Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if pl_module.task.multilabel and not trainer.sanity_checking:
-            self.logits.append(outputs.float())
-            self.targets.append(batch[1])
+            self.add(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.logits:
             return
-        size = len(trainer.val_dataloaders.dataset)
-        logits, targets = (in_split_order(trainer, pl_module, torch.cat(t), size) for t in (self.logits, self.targets))
-        self.logits, self.targets = [], []
+        logits, targets = self.take(trainer, pl_module, len(trainer.val_dataloaders.dataset))
         probs = pl_module.task.probabilities(logits)
         pl_module.hparams.thresholds = tune_thresholds(probs.cpu(), targets.cpu(), pl_module.task.threshold)
 
 
-class ErrorAnalysis(Callback):
+class ErrorAnalysis(SplitOutputs):
     """After `trainer.test` (the end of train.py): `finetune.analysis.write_report` of the test logits into
     `output_dir` (eval.md, confusion matrix, reliability diagram, most confidently wrong images), its macro-F1,
     balanced accuracy and ECE logged beside test/acc (so they reach the HPARAMS tab), its figures to TensorBoard.
@@ -119,13 +127,12 @@ class ErrorAnalysis(Callback):
     """
 
     def __init__(self, output_dir: str | os.PathLike):
+        super().__init__()
         self.output_dir = Path(output_dir)
         self.collapse: str | None = None  # `finetune.analysis.collapse` of the last test
-        self.logits: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.logits, self.labels = [], []
+        self.logits, self.targets = [], []
 
     def on_test_batch_end(
         self,
@@ -136,14 +143,11 @@ class ErrorAnalysis(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.logits.append(outputs.float())
-        self.labels.append(batch[1])
+        self.add(outputs, batch)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
-        self.logits, self.labels = [], []
         dataset = trainer.test_dataloaders.dataset
-        logits, labels = (in_split_order(trainer, pl_module, t, len(dataset)) for t in (logits, labels))
+        logits, labels = self.take(trainer, pl_module, len(dataset))
         if not trainer.is_global_zero:
             return
         if pl_module.task.multilabel:  # the scores per class at the tuned thresholds (no confusion, no top-1)
