@@ -147,6 +147,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
         assert resumed[key] == uninterrupted[key], key
 
 
+@pytest.mark.slow  # a third kill-and-resume run; what accumulation counts is tested fast in tests/test_accumulation.py
 def test_a_run_with_gradient_accumulation_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, images):
     """trainer.accumulate_grad_batches=2 and a per-step schedule: 3 optimizer steps of 2 batches per epoch; the run is
     killed after a step of its last epoch (checkpoints come only after a step) and resumed."""
