@@ -13,12 +13,9 @@ resumes a cut run (compare.py skips the completed jobs).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from benchmarks._common import ROOT, benchmark_parser
-from benchmarks.strategies import data_root, recipe
+from benchmarks.strategies import comparison_parser, recipe, run_comparison
 
 METHODS = {
     "l2sp": "regularizer=l2sp",
@@ -44,23 +41,8 @@ def compare_command(args, root: Path, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = benchmark_parser(__doc__, "extra overrides for every run")
-    parser.add_argument("--data", default="hotdog64", help="hotdog64, seefood512, cifar10 or an image folder's path")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--shots", nargs="+", default=["10", "all"], help="images per class: e.g. 10 all")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
-    parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
-    parser.add_argument("--out", type=Path, help="default: logs/benchmarks/methods-<data>-<size>px")
-    args = parser.parse_args(argv)
-    root = data_root(args)
-    out = (args.out or ROOT / "logs" / "benchmarks" / f"methods-{root.name}-{args.image_size}px").resolve()
-    command = [sys.executable, "compare.py", *compare_command(args, root, out)]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    return out
+    args = comparison_parser(__doc__, shots=["10", "all"], image_size=64, num_workers=1).parse_args(argv)
+    return run_comparison(args, compare_command, f"methods-{{data}}-{args.image_size}px")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ completed jobs). The shared datasets are never copied into the project; CIFAR-10
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks._common import DATASETS, ROOT, benchmark_parser
 from finetune.config import compose_config
@@ -87,25 +90,37 @@ def compare_command(args, root: Path, out: Path) -> list[str]:
     ]
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = benchmark_parser(__doc__, "extra overrides for every run")
+def comparison_parser(doc: str, shots: list[str], image_size: int, num_workers: int) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that runs compare.py on one data set: data, seeds, shots, the recipe's size and
+    epochs, the CIFAR-10 subset, the output folder, and trailing overrides for every job."""
+    parser = benchmark_parser(doc, "extra overrides for every run")
     parser.add_argument("--data", default="hotdog64", help="hotdog64, seefood512, cifar10 or an image folder's path")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--shots", nargs="+", default=["all"], help="images per class: e.g. 5 10 25 all")
+    parser.add_argument("--shots", nargs="+", default=shots, help="images per class: e.g. 5 10 25 all")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--num-workers", type=int, default=num_workers)
     parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
     parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
-    parser.add_argument("--lr", type=float, help="the shared lr (default: the recipe's; scratch_lr10x gets 10x)")
-    parser.add_argument("--out", type=Path, help="default: logs/benchmarks/strategies-<data>-<shots>")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, help="the comparison folder (default: under logs/benchmarks/)")
+    return parser
+
+
+def run_comparison(args, command: Callable[[Any, Path, Path], list[str]], name: str) -> Path:
+    """Runs compare.py with `command(args, data root, folder)` into `args.out` or logs/benchmarks/<name>."""
     root = data_root(args)
-    out = (args.out or ROOT / "logs" / "benchmarks" / f"strategies-{root.name}-{'-'.join(args.shots)}").resolve()
-    command = [sys.executable, "compare.py", *compare_command(args, root, out)]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
+    out = (args.out or ROOT / "logs" / "benchmarks" / name.format(data=root.name)).resolve()
+    line = [sys.executable, "compare.py", *command(args, root, out)]
+    print("$", " ".join(line[1:]), flush=True)
+    subprocess.run(line, cwd=ROOT, check=True)
     return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = comparison_parser(__doc__, shots=["all"], image_size=128, num_workers=2)
+    parser.add_argument("--lr", type=float, help="the shared lr (default: the recipe's; scratch_lr10x gets 10x)")
+    args = parser.parse_args(argv)
+    return run_comparison(args, compare_command, f"strategies-{{data}}-{'-'.join(args.shots)}")
 
 
 if __name__ == "__main__":
