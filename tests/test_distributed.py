@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import submitit
+import timm
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
@@ -62,17 +63,22 @@ def scalars(run: Path) -> dict[str, float]:
         ),
     ],
 )
-def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder, options):
-    """24 images: 3 steps of batch 8 on one process, or of batch 4 on each of 2 DDP ranks (gloo)."""
-    run = [*DDP_RUN, f"data.root={image_folder}", *options]
+def ddp_and_single(tmp_path: Path, run: list[str]) -> tuple[Path, dict, dict, dict[str, float]]:
+    """`run` on 2 DDP ranks (gloo) at batch 4 through the CLI and in one process at batch 8: the DDP run's folder,
+    both last checkpoints and the single process's metrics."""
     result = run_cli(["train.py", *run, "trainer=ddp_cpu", "data.batch_size=4"], tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     (ddp_run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     single = train(compose_train(tmp_path / "single", [*run, "data.batch_size=8"]))
-
     ddp = torch.load(ddp_run / "checkpoints" / "last.ckpt", weights_only=True)
     one = torch.load(tmp_path / "single" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ddp["global_step"] == one["global_step"] == 6
+    return ddp_run, ddp, one, single
+
+
+def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder, options):
+    """24 images: 3 steps of batch 8 on one process, or of batch 4 on each of 2 DDP ranks (gloo)."""
+    ddp_run, ddp, one, single = ddp_and_single(tmp_path, [*DDP_RUN, f"data.root={image_folder}", *options])
     assert ddp["callbacks"]["StageUnfreezing"] == one["callbacks"]["StageUnfreezing"] == {"trainable_stages": 4}
     torch.testing.assert_close(ddp["state_dict"], one["state_dict"], rtol=1e-4, atol=1e-6)
     logged = scalars(ddp_run)  # metrics reduced over both ranks equal the single process's over all samples
@@ -89,6 +95,36 @@ def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder,
     writers = {p.name.split(".")[-2] for p in (ddp_run / "tensorboard").rglob("events.out.tfevents.*")}
     assert len(writers) == 1  # event files of one process id
     assert (ddp_run / "train_ddp_process_1.log").is_file()
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "regularizer=bss",  # the one that needs the ranks' features gathered: a spectrum is not a mean
+        *(
+            pytest.param(method, marks=pytest.mark.slow)
+            for method in ("regularizer=l2sp", "regularizer=co_tuning", "peft=bitfit", "peft=norm_only", "peft=lora")
+        ),
+    ],
+)
+def test_each_method_trains_under_ddp_what_one_process_trains(tmp_path, image_folder, method):
+    """The transfer methods (issue 22) on 2 ranks x batch 4 against 1 process x batch 8, through the unfreeze, from
+    "pretrained" weights (seeded, with their 1000-class classifier: the methods refuse a random init)."""
+    torch.manual_seed(0)
+    timm_weights = tmp_path / "convnext_atto.pth"
+    torch.save(timm.create_model("convnext_atto").state_dict(), timm_weights)
+    pretrained = ["strategy.pretrained=true", f"model.weights_path={timm_weights}"]
+    name = method.split("=")[1]
+    ddp_run, ddp, one, single = ddp_and_single(tmp_path, [*DDP_RUN, f"data.root={image_folder}", *pretrained, method])
+    torch.testing.assert_close(ddp["state_dict"], one["state_dict"], rtol=1e-4, atol=1e-6)
+    logged = scalars(ddp_run)
+    for key in (
+        "train/loss_epoch",
+        "val/acc",
+        "test/loss",
+        *([f"train/loss_{name}_epoch"] if "regularizer" in method else []),
+    ):
+        assert logged[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 
 
 class HeadDtypes(Callback):

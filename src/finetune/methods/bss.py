@@ -6,6 +6,11 @@ smallest singular values carry what of the source does not transfer (negative tr
 
 F: the batch's pooled backbone features (N, D), sigma_{-i}: its i-th smallest singular value (of min(N, D)). The
 paper and TLlib (`BatchSpectralShrinkage`, examples/task_adaptation/image_classification/bss.py): k = 1, eta = 0.001.
+
+Under DDP, F is the global batch: every rank's features gathered with their gradients (a spectrum is not a mean over
+samples, so per-rank spectra of N / world rows would penalise something else), and 2 ranks x batch B train what one
+process x batch 2B does. Each rank computes the same penalty; the gather's backward sums the ranks' gradients and DDP
+averages them, which gives the global batch's gradient.
 """
 
 from __future__ import annotations
@@ -24,5 +29,8 @@ class BSS(LossTerm):
         self.eta, self.k = eta, k
 
     def forward(self, model: FineTuneModule, output: StepOutput) -> torch.Tensor:
-        singular = torch.linalg.svdvals(output.features.float())  # descending; no SVD kernel in half precision
+        features = output.features
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            features = model.all_gather(features, sync_grads=True).flatten(0, 1)
+        singular = torch.linalg.svdvals(features.float())  # descending; no SVD kernel in half precision
         return self.eta * singular[-self.k :].pow(2).sum()
