@@ -44,6 +44,7 @@ def test_lr_find_as_the_docs_type_it_prints_the_override_and_writes_the_plot(tmp
     train_line = result.stdout.split("Suggested lr", 1)[1].splitlines()[1].strip()
     assert train_line == shlex.join(["python", "train.py", *args, f"optimizer.lr={suggested}"])
     assert f"  {shlex.join(['python', 'lr_find.py', *args, 'strategy=finetune'])}\n" in result.stdout  # the backbone's
+    assert "sweep a few lrs from the lower of the two suggestions to about 3x the higher" in result.stdout
     validate(compose_train(tmp_path, shlex.split(train_line)[2:]))  # train.py takes it as printed
 
     (run,) = (tmp_path / "logs" / "lr_find" / "runs").iterdir()

@@ -303,7 +303,8 @@ def find_lr(cfg: DictConfig) -> float:
             f"strategy={strategy} trains {test.trained} first, as here, and unfreezes the backbone later. The lr at "
             "which every weight trains (the backbone at optimizer.lr, the head at its multiplier), as after the "
             f"unfreeze:\n  {command_line('strategy=finetune')}\n"
-            "One optimizer.lr drives both phases: take the lower of the two suggestions."
+            "One optimizer.lr drives both phases: sweep a few lrs from the lower of the two suggestions to about 3x "
+            "the higher (the best lr of a sweep lay there on the data measured; docs/training.md)."
         )
     return lr
 
