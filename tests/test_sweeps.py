@@ -183,3 +183,38 @@ def test_method_benchmark_plans_each_method_on_the_recipe(tmp_path, image_folder
     assert (
         compose_train(tmp_path, [*methods.recipe(args, image_folder), "regularizer=l2sp"]).optimizer.weight_decay == 0
     )
+
+
+def test_weight_space_benchmark_summarises_paired_differences():
+    """benchmarks/weight_space.py's table: each model's mean and the paired difference with its 95 % t interval
+    (2 seeds: t(0.975, 1) = 12.706; differences 2 and 4 points: mean 3, sem 1, half-width 12.7)."""
+    from benchmarks.weight_space import summary
+
+    records = [
+        {"shots": "all", "probe": 0.70, "end": 0.78, "wise_ft": 0.80, "soup": 0.78, "soup_best_run": 0.78},
+        {"shots": "all", "probe": 0.72, "end": 0.86, "wise_ft": 0.90, "soup": 0.86, "soup_best_run": 0.86},
+    ]
+    rows = {line.split(" | ")[1]: line for line in summary(records).splitlines()[2:]}
+    assert rows["wise_ft - end"] == "| all | wise_ft - end | 0.850 | 0.820 | +3.0 ± 12.7 | 0.2 | 2 |"
+    assert rows["soup - soup_best_run"] == "| all | soup - soup_best_run | 0.820 | 0.820 | +0.0 ± 0.0 | 1 | 2 |"
+
+
+@pytest.mark.slow  # 4 tiny runs through compare.py, then wise_ft and soup on each seed
+def test_weight_space_benchmark_on_a_comparison(tmp_path, image_folder):
+    """WiSE-FT of each seed's recipe run (its probe.ckpt -> last.ckpt) and a greedy soup of each seed's runs."""
+    from benchmarks.weight_space import main
+
+    tiny = [a for a in TINY if not a.startswith("strategy=")]  # the recipe's strategy, raced as compare's
+    args = ["compare.py", "data=imagefolder", f"data.root={image_folder}", *tiny, *SMALL_MODEL]
+    args += ["trainer.max_epochs=2", "compare.strategies=[freeze_unfreeze]"]
+    args += ['compare.settings={lr_half: ["optimizer.lr=0.005"]}', "compare.seeds=2", "compare.estimate=false"]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    (folder,) = (tmp_path / "logs" / "compare").iterdir()
+    records = main([str(folder), "--out", str(tmp_path / "out")])
+    assert [(r["seed"], r["shots"]) for r in records] == [(1, "all"), (2, "all")]
+    for record in records:
+        assert record["alpha"] in [k / 10 for k in range(11)]  # wise_ft.alphas' default grid
+        assert record["best_run"] in record["ingredients"] and len(record["ingredients"]) <= 2
+        assert all(name.endswith(f"seed{record['seed']}") for name in record["ingredients"])  # one seed's runs
+    assert "wise_ft - end" in (tmp_path / "out" / "weight_space.md").read_text()
