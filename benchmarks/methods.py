@@ -7,15 +7,22 @@ multirun, paired statistics, compare.md) at all the training images and at 10 pe
     python -m benchmarks.methods --data seefood512 --image-size 128
 
 The recipe is train.py's defaults with `benchmarks.strategies`' model, size and epochs, changed by trailing
-overrides. WiSE-FT and soups act on finished runs (`wise_ft.py`, `soup.py`), not here. The same command again
-resumes a cut run (compare.py skips the completed jobs).
+overrides. Beside compare.md (every setting against the best) it writes and prints `against_recipe.md`: each
+method against the recipe it is added to (paired differences, Holm over the methods, fit time as a ratio). WiSE-FT
+and soups act on finished runs (`python -m benchmarks.weight_space <folder>`). The same command again resumes a cut
+run (compare.py skips the completed jobs), or only rewrites the tables.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from benchmarks.strategies import comparison_parser, recipe, run_comparison
+from finetune.comparison import build_report, holm, paired_test, shots_label, trainable
+from finetune.report import markdown_table
+
+RECIPE = "freeze_unfreeze"
 
 METHODS = {
     "l2sp": "regularizer=l2sp",
@@ -40,9 +47,55 @@ def compare_command(args, root: Path, out: Path) -> list[str]:
     ]
 
 
+def against_recipe(folder: Path) -> str:
+    """Per shots: each method's test accuracy and its paired difference to the recipe over the seeds both
+    completed (95 % CI, paired t, Holm over the methods), its fit time over the recipe's, its trainable
+    parameters and peak memory."""
+    report = build_report(folder)
+    header = ["shots", "setting", "test acc", "vs recipe (points, 95% CI)", "p (paired t)", "p (Holm)"]
+    header += ["fit time (s)", "x recipe's", "trainable params", "peak memory (MB)", "seeds"]
+    rows = []
+    for shots in report.shots:
+        recipe_runs = {r.job.seed: r for r in report.of(RECIPE, shots)}
+        lines = []
+        for setting in report.settings:
+            runs = {r.job.seed: r for r in report.of(setting, shots)}
+            seeds = sorted(set(runs) & set(recipe_runs))
+            if not seeds:
+                continue
+            acc = [runs[s].test_acc for s in seeds]
+            p, diff, half = paired_test(acc, [recipe_runs[s].test_acc for s in seeds])
+            fit = sum(runs[s].fit_time_s for s in seeds) / len(seeds)
+            ratio = fit / (sum(recipe_runs[s].fit_time_s for s in seeds) / len(seeds))  # over the same seeds
+            lines.append((setting, sum(acc) / len(acc), diff, half, p, fit, ratio, runs, seeds))
+        adjusted = iter(holm([line[4] for line in lines if line[0] != RECIPE]))
+        for setting, acc, diff, half, p, fit, ratio, runs, seeds in lines:
+            own = setting == RECIPE
+            rows.append(
+                [
+                    shots_label(shots),
+                    f"**{setting}** (recipe)" if own else setting,
+                    f"{acc:.3f}",
+                    "" if own else f"{100 * diff:+.1f} ± {100 * half:.1f}",
+                    "" if own or math.isnan(p) else f"{p:.2g}",
+                    "" if own else f"{next(adjusted):.2g}",
+                    f"{fit:.0f}",
+                    f"{ratio:.2f}",
+                    trainable(list(runs.values())),
+                    f"{sum(r.peak_memory_mb for r in runs.values()) / len(runs):.0f}",
+                    ",".join(map(str, seeds)),
+                ]
+            )
+    return markdown_table(header, rows)
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = comparison_parser(__doc__, shots=["10", "all"], image_size=64, num_workers=1).parse_args(argv)
-    return run_comparison(args, compare_command, f"methods-{{data}}-{args.image_size}px")
+    folder = run_comparison(args, compare_command, f"methods-{{data}}-{args.image_size}px")
+    table = against_recipe(folder)
+    (folder / "against_recipe.md").write_text(f"# Each method against the recipe ({folder.name})\n\n{table}\n")
+    print(table)
+    return folder
 
 
 if __name__ == "__main__":

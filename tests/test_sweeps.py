@@ -218,3 +218,23 @@ def test_weight_space_benchmark_on_a_comparison(tmp_path, image_folder):
         assert record["best_run"] in record["ingredients"] and len(record["ingredients"]) <= 2
         assert all(name.endswith(f"seed{record['seed']}") for name in record["ingredients"])  # one seed's runs
     assert "wise_ft - end" in (tmp_path / "out" / "weight_space.md").read_text()
+
+
+def test_method_benchmark_tables_each_method_against_the_recipe(tmp_path):
+    """benchmarks/methods.py's against_recipe.md: paired differences to the recipe (not to the best), Holm over
+    the methods, fit time as a ratio; a seed the recipe lacks is left out of a method's pairs."""
+    from benchmarks.methods import RECIPE, against_recipe
+    from finetune.comparison import Job
+    from tests.test_compare import fake_run
+
+    accs = {RECIPE: [0.70, 0.72, 0.71], "l2sp": [0.73, 0.75, 0.74], "lora": [0.69, 0.73, 0.70]}
+    jobs = [Job(f"{s}-seed{seed}", s, seed, None, [f"seed={seed}"]) for s in accs for seed in (1, 2, 3)]
+    for job in jobs:
+        fake_run(tmp_path / "jobs" / job.name, "completed", accs[job.setting][job.seed - 1])
+    plan = {"command": "python compare.py ...", "classes": 2, "jobs": [job.to_dict() for job in jobs]}
+    (tmp_path / "jobs.json").write_text(json.dumps(plan))
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in against_recipe(tmp_path).splitlines()[2:]}
+    assert rows["l2sp"][3] == "+3.0 ± 0.0" and float(rows["l2sp"][5]) < 1e-6  # the same 3 points in every seed
+    assert rows["lora"][2:4] == ["0.707", "-0.3 ± 2.9"]  # differences -1, +1, -1
+    assert rows["lora"][4:6] == ["0.67", "0.67"]  # t = -0.5, 2 df; Holm: the larger of 2 p-values x 1
+    assert rows[f"**{RECIPE}** (recipe)"][6:8] == ["10", "1.00"] and rows["lora"][-1] == "1,2,3 |"
