@@ -44,6 +44,8 @@ NOT_RUN: dict[Block, str] = {
     "of hours (its --tiny run: tests/test_peers.py)",
     ("docs/results.md", "## Which strategy transfers best: real numbers", 0): "a benchmark of 30-46 min per data set",
     ("docs/results.md", "## Which backbone", 0): "a benchmark of 20 min (its --tiny run: tests/test_backbones.py)",
+    ("docs/results.md", "## Transfer methods on top of the recipe", 0): "benchmarks of 16-30 min per data set (their "
+    "plan and a tiny weight_space run: tests/test_sweeps.py)",
 }
 COMMANDS = {"train.py", "eval.py", "predict.py", "export.py", "compare.py"}
 # Servers a block starts: checked installed; what they show is tested from the files they read.
