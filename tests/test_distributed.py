@@ -54,15 +54,6 @@ def scalars(run: Path) -> dict[str, float]:
     return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        [],
-        pytest.param(  # drawn with replacement, each draw augmented under its own seed
-            ["data.sampler=balanced", "data.augment=randaugment", "data.random_erasing=0.5"], marks=pytest.mark.slow
-        ),
-    ],
-)
 def ddp_and_single(tmp_path: Path, run: list[str]) -> tuple[Path, dict, dict, dict[str, float]]:
     """`run` on 2 DDP ranks (gloo) at batch 4 through the CLI and in one process at batch 8: the DDP run's folder,
     both last checkpoints and the single process's metrics."""
@@ -76,6 +67,15 @@ def ddp_and_single(tmp_path: Path, run: list[str]) -> tuple[Path, dict, dict, di
     return ddp_run, ddp, one, single
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        pytest.param(  # drawn with replacement, each draw augmented under its own seed
+            ["data.sampler=balanced", "data.augment=randaugment", "data.random_erasing=0.5"], marks=pytest.mark.slow
+        ),
+    ],
+)
 def test_two_cpu_processes_train_what_one_process_trains(tmp_path, image_folder, options):
     """24 images: 3 steps of batch 8 on one process, or of batch 4 on each of 2 DDP ranks (gloo)."""
     ddp_run, ddp, one, single = ddp_and_single(tmp_path, [*DDP_RUN, f"data.root={image_folder}", *options])
