@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from statistics import fmean
 
 from benchmarks.strategies import comparison_parser, recipe, run_comparison
 from finetune.comparison import build_report, holm, paired_test, shots_label, trainable
@@ -57,33 +58,32 @@ def against_recipe(folder: Path) -> str:
     rows = []
     for shots in report.shots:
         recipe_runs = {r.job.seed: r for r in report.of(RECIPE, shots)}
-        lines = []
+        paired = {}  # setting -> its runs of the seeds the recipe also completed
         for setting in report.settings:
-            runs = {r.job.seed: r for r in report.of(setting, shots)}
-            seeds = sorted(set(runs) & set(recipe_runs))
-            if not seeds:
-                continue
-            acc = [runs[s].test_acc for s in seeds]
-            p, diff, half = paired_test(acc, [recipe_runs[s].test_acc for s in seeds])
-            fit = sum(runs[s].fit_time_s for s in seeds) / len(seeds)
-            ratio = fit / (sum(recipe_runs[s].fit_time_s for s in seeds) / len(seeds))  # over the same seeds
-            lines.append((setting, sum(acc) / len(acc), diff, half, p, fit, ratio, runs, seeds))
-        adjusted = iter(holm([line[4] for line in lines if line[0] != RECIPE]))
-        for setting, acc, diff, half, p, fit, ratio, runs, seeds in lines:
+            runs = [r for r in report.of(setting, shots) if r.job.seed in recipe_runs]
+            if runs:
+                paired[setting] = runs
+        tests = {s: paired_test([r.test_acc for r in runs], [recipe_runs[r.job.seed].test_acc for r in runs])
+                 for s, runs in paired.items()}  # fmt: skip
+        methods = [s for s in paired if s != RECIPE]
+        adjusted = dict(zip(methods, holm([tests[s][0] for s in methods]), strict=True))
+        for setting, runs in paired.items():
+            p, diff, half = tests[setting]
             own = setting == RECIPE
+            fit = fmean([r.fit_time_s for r in runs])
             rows.append(
                 [
                     shots_label(shots),
                     f"**{setting}** (recipe)" if own else setting,
-                    f"{acc:.3f}",
+                    f"{fmean([r.test_acc for r in runs]):.3f}",
                     "" if own else f"{100 * diff:+.1f} ± {100 * half:.1f}",
                     "" if own or math.isnan(p) else f"{p:.2g}",
-                    "" if own else f"{next(adjusted):.2g}",
+                    "" if own else f"{adjusted[setting]:.2g}",
                     f"{fit:.0f}",
-                    f"{ratio:.2f}",
-                    trainable(list(runs.values())),
-                    f"{sum(r.peak_memory_mb for r in runs.values()) / len(runs):.0f}",
-                    ",".join(map(str, seeds)),
+                    f"{fit / fmean([recipe_runs[r.job.seed].fit_time_s for r in runs]):.2f}",  # over the same seeds
+                    trainable(runs),
+                    f"{fmean([r.peak_memory_mb for r in runs]):.0f}",
+                    ",".join(str(r.job.seed) for r in runs),
                 ]
             )
     return markdown_table(header, rows)

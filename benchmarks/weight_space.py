@@ -17,13 +17,12 @@ import os
 from pathlib import Path
 
 from benchmarks._common import benchmark_parser, machine
+from benchmarks.methods import RECIPE
 from finetune.comparison import load_plan, paired_test, shots_label
 from finetune.config import compose_config
 from finetune.report import markdown_table
 from finetune.soup import make_soup
 from finetune.wise_ft import wise_ft
-
-RECIPE = "freeze_unfreeze"  # benchmarks.methods' recipe: the setting every method is added to
 
 
 def link_runs(folder: Path, names: list[str], into: Path) -> Path:

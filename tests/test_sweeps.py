@@ -222,7 +222,7 @@ def test_weight_space_benchmark_on_a_comparison(tmp_path, image_folder):
 
 def test_method_benchmark_tables_each_method_against_the_recipe(tmp_path):
     """benchmarks/methods.py's against_recipe.md: paired differences to the recipe (not to the best), Holm over
-    the methods, fit time as a ratio; a seed the recipe lacks is left out of a method's pairs."""
+    the methods, fit time as a ratio over the same seeds."""
     from benchmarks.methods import RECIPE, against_recipe
     from finetune.comparison import Job
     from tests.test_compare import fake_run
