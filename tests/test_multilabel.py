@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import report
 from finetune.builders import build, rebuild
+from finetune.config import CONFIG_DIR
 from finetune.data.images import ImageReadError, read_rgb
 from finetune.data.multilabel import MultiLabelDataModule
 from finetune.data.synthetic import SHAPES, generate_multilabel_shapes
@@ -197,6 +199,23 @@ def test_balanced_class_weights_are_bce_pos_weights(tmp_path, shapes):
     logits, targets = torch.randn(5, 4), torch.randint(0, 2, (5, 4)).float()
     by_torch = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=expected)
     torch.testing.assert_close(model.criterion(logits, targets), by_torch)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml")))
+def test_every_experiment_applies_to_multilabel_data_with_its_label_smoothing(tmp_path, shapes, experiment):
+    """An experiment's recipe (its optimizer, schedule, `loss.label_smoothing`) on multi-label data: the binary
+    cross-entropy with each 0/1 target smoothed toward 1/2 as the cross-entropy smooths two classes."""
+    cfg = multilabel_cfg(tmp_path, shapes, f"experiment={experiment}", "data=multilabel", f"data.root={shapes}")
+    validate(cfg)
+    criterion = instantiate(cfg.loss)
+    assert isinstance(criterion, BCEWithLogits)
+    e = criterion.label_smoothing
+    logits, targets = torch.randn(5, 4), torch.randint(0, 2, (5, 4)).float()
+    by_torch = F.binary_cross_entropy_with_logits(logits, targets * (1 - e) + e / 2)
+    torch.testing.assert_close(criterion(logits, targets), by_torch)
+    two_classes = torch.stack([torch.zeros_like(logits), logits], dim=-1).flatten(0, 1)  # sigmoid = a 2-class softmax
+    smoothed_ce = F.cross_entropy(two_classes, targets.long().flatten(), label_smoothing=e)
+    torch.testing.assert_close(criterion(logits, targets), smoothed_ce)
 
 
 def test_thresholds_maximise_each_class_f1_among_all_thresholds():

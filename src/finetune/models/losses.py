@@ -76,13 +76,16 @@ class BCEWithLogits(nn.Module):
     """Binary cross-entropy of a sigmoid per class against multi-hot targets (N, C), any number of classes per
     image (`conf/loss/multilabel.yaml`, `data=multilabel`).
 
+    `label_smoothing` e: each binary target y becomes y (1 - e) + e / 2, as the cross-entropy's smoothing does for
+    two classes (so a recipe's `loss.label_smoothing` means the same with `data=multilabel`).
     `class_weights`: a weight on each class's positives (PyTorch's `pos_weight`), or None (all 1);
     `loss.class_weights=balanced`: a class's negatives over its positives in the training split
     (`balanced_weights`), so a rare label's few positives weigh as much as its many negatives. A buffer outside the
     state dict: the settings rebuild it."""
 
-    def __init__(self, class_weights: Sequence[float] | None = None):
+    def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None):
         super().__init__()
+        self.label_smoothing = label_smoothing
         weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
 
@@ -92,4 +95,5 @@ class BCEWithLogits(nn.Module):
         return [(images - count) / count for count in counts]
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), pos_weight=self.class_weights)
+        targets = targets.to(logits.dtype) * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.class_weights)
