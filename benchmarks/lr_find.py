@@ -24,8 +24,8 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from benchmarks._common import ROOT, benchmark_parser, machine, table
-from benchmarks.strategies import data_root, recipe
+from benchmarks._common import ROOT, machine, table
+from benchmarks.strategies import comparison_parser, data_root, recipe
 from finetune.comparison import Comparison, build_report
 from finetune.config import compose_config
 from finetune.data.synthetic import generate_shapes
@@ -104,19 +104,13 @@ def summary(comparison: Comparison, raced: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    parser = benchmark_parser(__doc__, "extra overrides for every run and for lr_find.py")
-    parser.add_argument("--data", default="hotdog64", help="hotdog64, seefood512, cifar10 or an image folder's path")
+    parser = comparison_parser(
+        __doc__, None, image_size=128, num_workers=2, overrides="extra overrides for every run and for lr_find.py"
+    )
     parser.add_argument("--lrs", nargs="+", default=LRS, help="the sweep's optimizer.lr values")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
-    parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
     parser.add_argument(
         "--tiny", action="store_true", help="generated images, the small backbone, lrs 1e-3 1e-2, seed 1"
     )
-    parser.add_argument("--out", type=Path, help="default: logs/benchmarks/lr_find-<data>")
     args = parser.parse_args(argv)
     if args.tiny:
         out = (args.out or ROOT / "logs" / "benchmarks" / "lr_find-tiny").resolve()

@@ -90,19 +90,26 @@ def compare_command(args, root: Path, out: Path) -> list[str]:
     ]
 
 
-def comparison_parser(doc: str, shots: list[str], image_size: int, num_workers: int) -> argparse.ArgumentParser:
-    """The arguments of a benchmark that runs compare.py on one data set: data, seeds, shots, the recipe's size and
-    epochs, the CIFAR-10 subset, the output folder, and trailing overrides for every job."""
-    parser = benchmark_parser(doc, "extra overrides for every run")
+def comparison_parser(
+    doc: str,
+    shots: list[str] | None,
+    image_size: int,
+    num_workers: int,
+    overrides: str = "extra overrides for every run",
+) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that runs compare.py on one data set: data, seeds, shots (unless None), the
+    recipe's size and epochs, the CIFAR-10 subset, the output folder, and trailing overrides for every job."""
+    parser = benchmark_parser(doc, overrides)
     parser.add_argument("--data", default="hotdog64", help="hotdog64, seefood512, cifar10 or an image folder's path")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--shots", nargs="+", default=shots, help="images per class: e.g. 5 10 25 all")
+    if shots is not None:
+        parser.add_argument("--shots", nargs="+", default=shots, help="images per class: e.g. 5 10 25 all")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=image_size)
     parser.add_argument("--num-workers", type=int, default=num_workers)
     parser.add_argument("--train-per-class", type=int, default=100, help="cifar10 only")
     parser.add_argument("--test-per-class", type=int, default=50, help="cifar10 only")
-    parser.add_argument("--out", type=Path, help="the comparison folder (default: under logs/benchmarks/)")
+    parser.add_argument("--out", type=Path, help="the output folder (default: under logs/benchmarks/)")
     return parser
 
 

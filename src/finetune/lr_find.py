@@ -302,7 +302,7 @@ def find_lr(cfg: DictConfig) -> float:
         print(
             f"strategy={strategy} trains {test.trained} first, as here, and unfreezes the backbone later. The lr at "
             "which every weight trains (the backbone at optimizer.lr, the head at its multiplier), as after the "
-            f"unfreeze:\n  {command_line('strategy=finetune')}\n"
+            f"unfreeze:\n  {command_line('strategy=finetune', script='lr_find.py')}\n"
             "One optimizer.lr drives both phases: sweep a few lrs from the lower of the two suggestions to about 3x "
             "the higher (the best lr of a sweep lay there on the data measured; docs/training.md)."
         )
