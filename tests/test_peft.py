@@ -21,7 +21,6 @@ import onnx
 import pytest
 import timm
 import torch
-from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -40,7 +39,13 @@ from finetune.settings import plain
 from finetune.train import train
 from finetune.validation import config_problems, validate
 from tests.helpers import compose_train, doc_commands, event_dir, make_image_folder
-from tests.test_resume import RUN, STEPS_PER_EPOCH, kill_mid_epoch, load
+from tests.test_resume import (  # noqa: F401 (an autouse fixture)
+    RUN,
+    STEPS_PER_EPOCH,
+    _restore_determinism,
+    kill_mid_epoch,
+    resume_and_run_uninterrupted,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -263,29 +268,14 @@ def test_the_lora_checkpoint_rebuilds_alone_evaluates_predicts_and_exports_merge
     assert not [w.name for w in onnx.load(str(path)).graph.initializer if "lora" in w.name]
 
 
-@pytest.fixture
-def _restore_determinism():
-    yield
-    torch.use_deterministic_algorithms(False)  # trainer.deterministic=true in this process sets it globally
-
-
 @pytest.mark.slow  # 40 s: a run killed by SIGKILL, resumed, and run again uninterrupted
-@pytest.mark.usefixtures("_restore_determinism")
 def test_a_lora_run_killed_mid_epoch_resumes_to_the_same_weights_and_optimizer_state(source, tmp_path):
     images = make_image_folder(tmp_path / "images", train=24, test=6)  # 6 steps per epoch, as RUN counts them
     run = [*RUN, *source[3:], "strategy.pretrained=true", "peft=lora", f"data.root={images}", "data.num_workers=0"]
     killed = kill_mid_epoch(tmp_path, run)
     assert killed["epoch"] == 2 and killed["global_step"] % STEPS_PER_EPOCH  # after the unfreeze, mid-epoch
 
-    resumed_cfg = compose_train(tmp_path, [*run, "ckpt_path=last"])
-    resumed = train(resumed_cfg)
-    with open_dict(resumed_cfg):
-        resumed_cfg.paths.output_dir = str(tmp_path / "uninterrupted")
-        resumed_cfg.ckpt_path = None
-    uninterrupted = train(resumed_cfg)
-
-    a = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    b = load(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    a, b, resumed, uninterrupted = resume_and_run_uninterrupted(tmp_path, run)
     assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
     assert any(".lora_A." in key for key in a["state_dict"])
     torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)

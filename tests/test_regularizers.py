@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from omegaconf import open_dict
 
 from finetune.builders import build
 from finetune.errors import ConfigError
@@ -22,7 +21,14 @@ from finetune.models.module import FineTuneModule
 from finetune.train import train
 from finetune.validation import validate
 from tests.helpers import SMALL_MODEL, compose_train, doc_commands, make_image_folder
-from tests.test_resume import RUN, STEPS_PER_EPOCH, _restore_determinism, kill_mid_epoch, load  # noqa: F401 (autouse)
+from tests.test_resume import (  # noqa: F401 (an autouse fixture)
+    RUN,
+    STEPS_PER_EPOCH,
+    _restore_determinism,
+    kill_mid_epoch,
+    load,
+    resume_and_run_uninterrupted,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,14 +181,7 @@ def test_a_run_with_co_tuning_resumes_to_the_same_weights(tmp_path, pretrained):
     assert killed["epoch"] == 2 and killed["global_step"] % STEPS_PER_EPOCH
     assert killed["state_dict"]["loss_terms.co_tuning.relationship"].any()
 
-    resumed_cfg = compose_train(tmp_path, [*run, "ckpt_path=last"])
-    train(resumed_cfg)
-    with open_dict(resumed_cfg):
-        resumed_cfg.paths.output_dir = str(tmp_path / "uninterrupted")
-        resumed_cfg.ckpt_path = None
-    train(resumed_cfg)
-    a = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    b = load(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    a, b, _, _ = resume_and_run_uninterrupted(tmp_path, run)
     torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
     (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]
     torch.testing.assert_close(optimizer_a["state"], optimizer_b["state"], rtol=0, atol=0)
