@@ -48,19 +48,23 @@ class LossTerm(nn.Module):
         so that a resumed run goes on with what the interrupted one learned. Nothing by default."""
 
 
-class CrossEntropy(nn.Module):
-    """Cross-entropy with label smoothing and a weight per class (`conf/loss/default.yaml`); `targets` are class
-    indices or (N, C) probabilities (as MixUp/CutMix make them).
-
-    `class_weights`: one per class in label order, or None (all 1); `loss.class_weights=balanced` is resolved
-    from the training split by the builder (`balanced_weights`). A buffer outside the state dict: the settings
-    rebuild it."""
+class SmoothedWeightedLoss(nn.Module):
+    """What both losses keep: a label smoothing and a weight per class (None: all 1), the weights a buffer outside
+    the state dict (the settings rebuild it)."""
 
     def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None):
         super().__init__()
         self.label_smoothing = label_smoothing
         weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
         self.register_buffer("class_weights", weights, persistent=False)
+
+
+class CrossEntropy(SmoothedWeightedLoss):
+    """Cross-entropy with label smoothing and a weight per class (`conf/loss/default.yaml`); `targets` are class
+    indices or (N, C) probabilities (as MixUp/CutMix make them).
+
+    `class_weights`: one per class in label order, or None (all 1); `loss.class_weights=balanced` is resolved
+    from the training split by the builder (`balanced_weights`)."""
 
     @staticmethod
     def balanced_weights(counts: Sequence[int], images: int) -> list[float]:
@@ -72,7 +76,7 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing)
 
 
-class BCEWithLogits(nn.Module):
+class BCEWithLogits(SmoothedWeightedLoss):
     """Binary cross-entropy of a sigmoid per class against multi-hot targets (N, C), any number of classes per
     image (`conf/loss/multilabel.yaml`, `data=multilabel`).
 
@@ -80,14 +84,7 @@ class BCEWithLogits(nn.Module):
     two classes (so a recipe's `loss.label_smoothing` means the same with `data=multilabel`).
     `class_weights`: a weight on each class's positives (PyTorch's `pos_weight`), or None (all 1);
     `loss.class_weights=balanced`: a class's negatives over its positives in the training split
-    (`balanced_weights`), so a rare label's few positives weigh as much as its many negatives. A buffer outside the
-    state dict: the settings rebuild it."""
-
-    def __init__(self, label_smoothing: float = 0.0, class_weights: Sequence[float] | None = None):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-        weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
-        self.register_buffer("class_weights", weights, persistent=False)
+    (`balanced_weights`), so a rare label's few positives weigh as much as its many negatives."""
 
     @staticmethod
     def balanced_weights(counts: Sequence[int], images: int) -> list[float]:
