@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import re
+import runpy
 import subprocess
 import sys
+import tempfile
+import threading
+import traceback
 from pathlib import Path
 
 import torch
@@ -80,14 +86,77 @@ def doc_commands(page: str, heading: str, block: int = 0) -> list[str]:
     return [line.strip() for line in re.sub(r"\\\n\s*", "", found).strip().splitlines()]
 
 
-def run_cli(args: list[str], root: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs a project command (`train.py ...`) as a user types it, with logs and data under `root`."""
+def run_cli(args: list[str], root: Path, timeout: int = 300, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Runs a project command (`train.py ...`, `-m module ...`, `-c code ...`, a console script's path) as a user
+    types it, with logs and data under `root`, in a process of its own: forked from a server that has imported the
+    project (a new interpreter spends about 6 s of CPU importing torch, Lightning, torchmetrics and timm before the
+    command starts; tests/test_imports.py imports every module in a new interpreter), or, `fresh`, a new
+    interpreter: for what a library reads from the environment when it is imported (the Hugging Face hub's
+    folders and offline mode)."""
     env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    if fresh:
+        result = subprocess.run(
+            [sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        result.output = result.stdout + result.stderr
+        return result
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = _FORKS.Process(target=_run_command, args=(list(args), env, str(out), str(err)))
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+        result = subprocess.CompletedProcess(
+            [sys.executable, *args], process.exitcode, out.read_text(), err.read_text()
+        )
     result.output = result.stdout + result.stderr
     return result
+
+
+def _run_command(args: list[str], env: dict[str, str], out: str, err: str) -> None:
+    """What `python *args` does, in a process forked from run_cli's server: the environment, the working directory,
+    `sys.path` and `sys.argv` as a new interpreter would set them, stdout and stderr into files, the exit code as
+    the command's (an uncaught exception: its traceback and 1), threads joined and exit handlers run at the end."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(PROJECT_ROOT)
+    if "OMP_NUM_THREADS" in env:  # OpenMP read it when the server loaded it
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    option = args[0] if args[0] in ("-m", "-c") else None
+    sys.path[:0] = [str(PROJECT_ROOT) if option else str(Path(args[0]).resolve().parent)]
+    sys.path[1:1] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.argv = ["-c", *args[2:]] if option == "-c" else args[1:] if option else list(args)
+    code = 0
+    try:
+        if option == "-m":
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        elif option == "-c":
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as exit:
+        if exit.code is None or isinstance(exit.code, int):
+            code = exit.code or 0
+        else:
+            print(exit.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # as an interpreter's exit: non-daemon threads, then the exit handlers
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["tests.helpers", "finetune.train"])
 
 
 def tiny_classifier(classes: int = 3, seed: int = 0) -> nn.Module:

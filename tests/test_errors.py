@@ -112,7 +112,9 @@ def test_timm_weights_offline_say_where_the_hugging_face_hub_cache_is(tmp_path, 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     result = run_cli(
-        ["train.py", "model=timm", "model.name=resnet18", "data=imagefolder", f"data.root={image_folder}"], tmp_path
+        ["train.py", "model=timm", "model.name=resnet18", "data=imagefolder", f"data.root={image_folder}"],
+        tmp_path,
+        fresh=True,  # huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported
     )
     assert result.returncode == 1, result.output
     (error,) = [line for line in result.output.splitlines() if line.startswith("Error: ")]
