@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = benchmark_parser(__doc__, "extra compare.py overrides")
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "digits")
     parser.add_argument("--only-write", action="store_true", help="write the image folder, compare nothing")
-    parser.add_argument("--shots", default="10,all", help="compare.shots")
+    parser.add_argument("--shots", default="all", help="compare.shots, e.g. 10,all")
     args = parser.parse_args(argv)
     root = write_digits(args.out.resolve())
     print(f"Digits written to {root}")
@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> Path:
             "data=imagefolder",
             f"data.root={root}",
             "data.image_size=64",
+            "data.num_workers=1",
             "~callbacks.progress_bar",
             "~callbacks.model_summary",
-            "compare.strategies=[freeze,finetune,freeze_unfreeze,llrd,scratch]",
+            "compare.strategies=[freeze,finetune,freeze_unfreeze,gradual,llrd,scratch]",
             f"compare.shots=[{args.shots}]",
             *args.overrides,
         ]

@@ -188,14 +188,16 @@ def test_compare_cli_reruns_a_killed_job_and_lists_a_failed_one(tmp_path: Path, 
     assert "6 images, 1 epochs" in report  # the 3-shot budget: 3 images per class of 2
 
 
-def fake_run(run_dir: Path, status: str | None, acc: float = math.nan, steps: int = 40) -> None:
+def fake_run(
+    run_dir: Path, status: str | None, acc: float = math.nan, steps: int = 40, fit_time_s: float = 10.0
+) -> None:
     """A job folder as train.py leaves it: overrides, status.json (None: killed before writing it), test events."""
     from torch.utils.tensorboard import SummaryWriter
 
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("- +compare_job=x\n")
     if status is not None:
-        record = {"status": status, "fit_time_s": 10.0, "steps": steps, "epochs": 5, "train_images": 8}
+        record = {"status": status, "fit_time_s": fit_time_s, "steps": steps, "epochs": 5, "train_images": 8}
         record |= {"trainable_params": 1234, "total_params": 372_882, "trainable_share": 1234 / 372_882}
         (run_dir / "status.json").write_text(json.dumps(record))
     if not math.isnan(acc):
@@ -208,7 +210,7 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     """Which jobs run again (killed, failed, changed), and compare.md from the runs' event files: failed jobs
     listed, the learning curve, each point's budget."""
     from finetune.compare import pending
-    from finetune.comparison import Job, write_comparison
+    from finetune.comparison import Job, build_report, write_comparison
 
     jobs = [
         Job(f"{s}-seed{seed}{'' if k is None else f'-shots{k}'}", s, seed, k, [f"strategy={s}", f"seed={seed}"])
@@ -219,7 +221,8 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     accs = {"a": [0.80, 0.82, 0.81], "b": [0.77, 0.795, 0.775]}
     for job in jobs:
         acc = accs[job.setting][job.seed - 1] - (0.1 if job.shots else 0)
-        fake_run(tmp_path / "jobs" / job.name, "completed", acc, steps=20 if job.shots else 40)
+        slowed = job.name == "a-seed1-shots2"  # beside other work on the machine
+        fake_run(tmp_path / "jobs" / job.name, "completed", acc, 20 if job.shots else 40, 100.0 if slowed else 10.0)
     (tmp_path / "jobs" / "a-seed3" / "status.json").unlink()  # killed mid-way
     (tmp_path / "jobs" / "b-seed2" / "status.json").write_text('{"status": "failed", "error": "ValueError: boom"}')
     plan = {"command": "python compare.py ...", "classes": 2, "jobs": [job.to_dict() for job in jobs]}
@@ -236,6 +239,7 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     assert "## shots=2 (3 seeds)" in report and "`a` is best (test accuracy 0.710 ± 0.025 over 3 seeds)" in report
     assert "8 images, 5 epochs, 20 steps" in report and (tmp_path / "learning_curve.png").is_file()
     assert "| trainable params |" in report and "| 1,234 (0.33 %) |" in report  # train.py's counts
+    assert build_report(tmp_path).cost(2) == {"a": 10.0, "b": 10.0}  # the median fit time: the slowed job moves none
 
     changed = [
         job if job.name != "b-seed1" else Job(job.name, "b", 1, None, ["strategy=b", "optimizer=sgd"]) for job in jobs

@@ -307,6 +307,12 @@ def _mean(values: Sequence[float]) -> float:
     return mean_and_std(values)[0]
 
 
+def _median(values: Sequence[float]) -> float:
+    """The median of the known values: a cost that one job slowed by other work on the machine does not move."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.median(known) if known else math.nan
+
+
 @dataclass
 class Report:
     """Everything compare.md says, by shots value (None: all images)."""
@@ -320,7 +326,7 @@ class Report:
         return [r for r in self.results if r.job.setting == setting and r.job.shots == shots and usable(r)]
 
     def cost(self, shots: int | None) -> dict[str, float]:
-        return {s: _mean([r.fit_time_s for r in self.of(s, shots)]) for s in self.settings}
+        return {s: _median([r.fit_time_s for r in self.of(s, shots)]) for s in self.settings}
 
     @property
     def main_shots(self) -> int | None:
@@ -380,7 +386,7 @@ def comparison_table(report: Report, shots: int | None) -> str:
                 "" if row.best else _p(row.p),
                 "" if row.best else _p(row.p_holm),
                 fmt(row.rank, 1),
-                fmt(_mean([r.fit_time_s for r in done]), 0),
+                fmt(_median([r.fit_time_s for r in done]), 0),
                 memory_text,
                 trainable(done),
                 budget(done),
@@ -537,7 +543,8 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
         "The intervals are each comparison's own (not adjusted): one that excludes 0 with p (Holm) >= 0.05 is a "
         "lead that the number of comparisons does not let us call real.",
         "- mean rank: 1 = the best setting of a seed, averaged over the seeds.",
-        "- fit time: the training's wall time (validation included, test excluded); peak memory: the training "
+        "- fit time: the median over the seeds of the training's wall time (validation included, test excluded), "
+        "which a job slowed by other work on the machine does not move; peak memory: the training "
         "process's peak resident memory (the GPU's peak allocation on a GPU).",
         "- trainable params: the parameters that train at some epoch of the run (a linear probe: the head's; "
         "peft: the method's and the head's), with their share of all the model's.",
