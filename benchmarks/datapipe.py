@@ -16,6 +16,9 @@ normalise) at the given size and yields float batches (32 images), as the model 
   is inside the timing);
 - `store`: `data.store=true` (`finetune.data.store`): the images decoded once (not timed here; its build
   time is printed), the project's transforms per image on the stored uint8 squares in the workers;
+- `project, uint8 batches` and `store, uint8 batches`: the same crop and flip per image in the workers, which hand
+  over uint8 images; the conversion to float and normalisation on the whole batch in the main process
+  (`NormalizeBatch`, what a GPU does with `data.augment_on=auto` where it does not crop; its cost is inside the timing);
 - `store, batch crop`: the stored squares with each sample's crop box and flip drawn in the workers, the
   crop, resize, flip and normalisation as one batch op in the main process (what a GPU does with
   `data.augment_on=auto`; on this CPU its cost is inside the timing).
@@ -45,7 +48,7 @@ from benchmarks.strategies import cifar10_subset
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder, read_rgb
 from finetune.data.store import DeviceAugment, StoredCrops, StoredImages, collate_crops
-from finetune.data.transforms import train_transform
+from finetune.data.transforms import NormalizeBatch, train_transform
 from finetune.models import timm_backbone, torchvision_backbone
 from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
@@ -154,8 +157,14 @@ def variants(
     print(f"store of {len(stored)} images, short side {stored.side} px: {seconds:.1f} s", flush=True)
     everything = range(len(folder))
     device = DeviceAugment(config)
+    uint8, normalize = train_transform(config, normalize=False), NormalizeBatch(config)
+
+    def normalized(batch: list[torch.Tensor]) -> torch.Tensor:
+        return normalize(batch)[0]
+
     found = {
         "project": (Transformed(folder, everything, project), None),
+        "project, uint8 batches": (Transformed(folder, everything, uint8), normalized),
         "PIL transforms": (Decoded(folder, read_rgb, pil_transforms(size)), None),
         "decode_jpeg": (Decoded(folder, decode_jpeg_rgb, project), None),
         "PIL draft": (Decoded(folder, pil_draft(size), project), None),
@@ -164,6 +173,7 @@ def variants(
         crop = crop_at_source(tiny_source)
         found["batch resize"] = (Decoded(folder, read_rgb, crop), lambda batch: resize_batch(batch[0], size))
     found["store"] = (Transformed(stored, everything, project), None)
+    found["store, uint8 batches"] = (Transformed(stored, everything, uint8), normalized)
     found["store, batch crop"] = (StoredCrops(stored, everything, config), lambda batch: device(batch)[0])
     return found
 

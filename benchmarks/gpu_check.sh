@@ -6,8 +6,9 @@
 # speed); Lite0 has its packaged weights. Steps, in this order, each with a time cap:
 #   throughput  images/s at 224 px, batch 256, bf16-mixed, channels-last, ResNet-18 and Lite0, on 8,192 photo-sized
 #               JPEGs (CIFAR-10 upscaled to 512x384, quality 90): the model's ceiling (batches already on the
-#               device), the plain loop with the JPEG loader, train.py's fit with it (data.store=false) and with
-#               the decoded store (data.store=true: crop and flip on the GPU); a profile if ResNet-18 is slow
+#               device), the plain loop with the JPEG loader, train.py's fit with it (data.store=false: uint8
+#               batches normalised on the GPU) and with the decoded store (data.store=true: crop, flip and
+#               normalisation on the GPU); a profile if ResNet-18 is slow
 #   headline    EfficientNet-Lite0, MobileNetV2 recipe, all of CIFAR-10, 224 px, 5 epochs, bf16-mixed (blog: 94.31 %)
 #   fp16, bf16  short train.py runs (Lite0, 40 steps) with trainer.precision=16-mixed / bf16-mixed
 #   nchw        ResNet-18's ceiling and store fit with model.channels_last=false

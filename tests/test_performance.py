@@ -214,9 +214,10 @@ def test_datapipe_benchmark_runs(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(folder / f"{i}.jpg")
     args = ["--seefood", str(tmp_path / "photos"), "--cifar", str(tmp_path / "tiny"), "--sizes", "48"]
     rows = datapipe.main([*args, "--batch-size", "2", "--rounds", "1", "--workers", "0", "--models"])
-    pipelines = ["project", "PIL transforms", "decode_jpeg", "PIL draft", "batch resize", "store", "store, batch crop"]
-    assert [row[2] for row in rows[-7:]] == pipelines
-    assert [row[2] for row in rows[:6]] == [*pipelines[:4], *pipelines[5:]]  # no batch resize of photos
+    uint8 = ["project", "project, uint8 batches"], ["store", "store, uint8 batches", "store, batch crop"]
+    pipelines = [*uint8[0], "PIL transforms", "decode_jpeg", "PIL draft", "batch resize", *uint8[1]]
+    assert [row[2] for row in rows[-9:]] == pipelines
+    assert [row[2] for row in rows[:8]] == [*pipelines[:5], *pipelines[6:]]  # no batch resize of photos
     assert all(row[3] > 0 and row[4] > 0 for row in rows)
 
 

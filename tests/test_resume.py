@@ -19,7 +19,6 @@ from finetune.checkpoint import resolve_ckpt_path
 from finetune.config import PROJECT_ROOT
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
-from finetune.data.store import CropSample, DeviceAugment
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
 from finetune.run_status import read_status
@@ -181,23 +180,24 @@ def test_a_run_with_gradient_accumulation_killed_mid_epoch_resumes_to_the_same_w
     [
         {},
         {"store": True, "augment_on": "device"},  # the store's crop boxes and flips, drawn per sample in the workers
+        {"augment_on": "device"},  # uint8 crops from the workers, normalised as a batch
         {"min_steps_per_epoch": 10},  # a small split passed over again within an epoch (conf's default is 20)
     ],
-    ids=["files", "store-device-crop", "repeated-passes"],
+    ids=["files", "store-device-crop", "device-normalisation", "repeated-passes"],
 )
 def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images, store):
     config = InputConfig(32, (0.5,) * 3, (0.5,) * 3)
-    finish = DeviceAugment(config)
 
     def loader(workers: int):
         settings = {"batch_size": 8, "val_fraction": 0, "num_workers": workers, "store_dir": tmp_path, **store}
         data = ImageFolderDataModule(config, images, **settings)
         data.setup()
-        return data.train_dataloader()
+        return data.train_dataloader(), data.on_after_batch_transfer  # the loader, and what the device finishes
 
-    def epoch(loader, number: int) -> list[torch.Tensor]:
+    def epoch(loader_and_finish, number: int) -> list[torch.Tensor]:
+        loader, finish = loader_and_finish
         loader.sampler.set_epoch(number)
-        return [finish(batch)[0] if isinstance(batch, CropSample) else batch[0] for batch in loader]
+        return [finish(batch, 0)[0] for batch in loader]
 
     main, workers = loader(0), loader(2)  # 2 persistent workers: their random state carries over epochs
     for number in (0, 1):
@@ -207,9 +207,9 @@ def test_batches_depend_only_on_seed_epoch_and_sample(tmp_path, images, store):
     steps = max(STEPS_PER_EPOCH, store.get("min_steps_per_epoch", 0))
     assert len(epoch(main, 0)) == steps
     resumed = loader(0)
-    resumed.load_state_dict({"epoch": 1, "batches": 2})
+    resumed[0].load_state_dict({"epoch": 1, "batches": 2})
     torch.testing.assert_close(epoch(resumed, 1), epoch(main, 1)[2:], rtol=0, atol=0)
-    assert resumed.state_dict() == {"epoch": 1, "batches": steps}
+    assert resumed[0].state_dict() == {"epoch": 1, "batches": steps}
     assert len(epoch(resumed, 2)) == steps  # the skip applies to its own epoch only
 
 

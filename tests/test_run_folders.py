@@ -87,5 +87,6 @@ def test_runs_started_together_get_their_own_folders_and_resume_their_own(tmp_pa
         writers = {path.name.split(".")[4] for path in (run / "tensorboard").rglob("events.out.tfevents.*")}
         assert len(writers) == 1  # one process's event files (named by its pid)
         assert (run / "checkpoints" / "last.ckpt").is_file()
-    newest = max(new, key=lambda run: (run / "checkpoints" / "last.ckpt").stat().st_mtime)
-    assert resolve_ckpt_path("last", tmp_path / "fresh", runs.parent) == str(newest / "checkpoints" / "last.ckpt")
+    lasts = [run / "checkpoints" / "last.ckpt" for run in new]
+    newest = max(lasts, key=lambda last: (last.stat().st_mtime, str(last)))  # mtimes tie on the coarse clock
+    assert resolve_ckpt_path("last", tmp_path / "fresh", runs.parent) == str(newest)

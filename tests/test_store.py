@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from finetune.caching import split_key
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.images import ImageReadError
 from finetune.data.store import CropSample, DeviceAugment, StoredImages
+from finetune.data.transforms import NormalizeBatch
 from finetune.errors import ConfigError
 from finetune.models import InputConfig
 from finetune.train import train
@@ -182,9 +184,8 @@ def test_the_store_command_runs_as_written(images, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.augment_on=device"], "data.augment_on=device needs data.store=true and d2l's augmentation alone"),
-        (["data.store=true", "data.augment_on=device", "data.augment=randaugment"], "not data.augment=randaugment"),
-        (["data.store=true", "data.augment_on=device", "data.mixup=0.2"], "not data.mixup/data.cutmix"),
+        (["data.augment_on=device", "data.random_erasing=0.25"], "but data.random_erasing=0.25 needs normalised"),
+        (["data.store=true", "data.augment_on=device", "data.mixup=0.2"], "but data.mixup/data.cutmix needs"),
         (["data.augment_on=gpu"], "data.augment_on=gpu must be one of auto, device, workers"),
         (["data.store_size=0"], "data.store_size=0 must be a side in pixels >= 1"),
     ],
@@ -194,6 +195,50 @@ def test_store_settings_that_cannot_work_are_named(tmp_path, overrides, message)
         validate(compose_train(tmp_path, ["data=imagefolder", "data.root=/somewhere", *overrides]))
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"store": False}, {"augment": "trivialaugment"}, {"store": False, "augment": "none"}],
+    ids=["files", "store-with-a-policy", "files-eval-transform"],
+)
+def test_on_the_device_the_workers_uint8_images_are_normalised_to_the_per_image_transforms_floats(
+    images, tmp_path, settings, caplog
+):
+    """What the device cannot crop (files, other presets) it still normalises: the workers hand over uint8 images
+    (a quarter of the bytes) and the batch becomes, bit for bit, what the per-image transform makes."""
+
+    def batches(augment_on: str) -> list:
+        data = datamodule(images, tmp_path, augment_on=augment_on, **settings)
+        return [(batch, data.on_after_batch_transfer(batch, 0)) for batch in data.train_dataloader()]
+
+    with caplog.at_level(logging.INFO, logger="finetune.data.datamodule"):
+        on_device = batches("device")
+    assert "normalised as whole batches on the training device (uint8 from the workers)" in caplog.text
+    assert len(on_device) == 5 and on_device[0][0][0].dtype == torch.uint8
+    for (_, (device_images, device_labels)), (batch, finished) in zip(on_device, batches("workers"), strict=True):
+        assert finished is batch and batch[0].dtype == torch.float32  # nothing left for the device to do
+        torch.testing.assert_close(device_images, batch[0], rtol=0, atol=0)
+        assert torch.equal(device_labels, batch[1])
+
+
+def test_auto_finishes_batches_on_a_gpu_only(images, tmp_path):
+    """`data.augment_on=auto` (the default) decides by the trainer's device, seen here through a stand-in trainer."""
+
+    def first_batch(device: str, **settings):
+        data = datamodule(images, tmp_path, **settings)
+        data.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device(device)),
+            world_size=1,
+            global_rank=0,
+            accumulate_grad_batches=1,
+        )
+        return next(iter(data.train_dataloader()))
+
+    assert isinstance(first_batch("cuda"), CropSample)  # stored images: cropped on the GPU
+    assert first_batch("cuda", store=False)[0].dtype == torch.uint8  # files: normalised on the GPU
+    assert first_batch("cuda", store=False, mixup=0.2)[0].dtype == torch.float32  # MixUp mixes normalised images
+    assert first_batch("cpu")[0].dtype == first_batch("cpu", store=False)[0].dtype == torch.float32
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it there)")
 def test_on_a_gpu_the_crop_runs_on_the_device_by_default_with_the_cpus_result(images, tmp_path, caplog):
     data = datamodule(images, tmp_path, val_fraction=0, augment_on="device")
@@ -201,6 +246,9 @@ def test_on_a_gpu_the_crop_runs_on_the_device_by_default_with_the_cpus_result(im
     on_cpu = DeviceAugment(CONFIG)(batch)[0]
     on_gpu = DeviceAugment(CONFIG)(CropSample(*(t.cuda() for t in batch)))[0]
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-4)
+    uint8 = batch.image[..., :32, :32]
+    normalized = NormalizeBatch(CONFIG)
+    torch.testing.assert_close(normalized.images(uint8.cuda()).cpu(), normalized.images(uint8), rtol=0, atol=1e-6)
     cfg = compose_train(
         tmp_path,
         ["data=imagefolder", f"data.root={images}", "data.store=true", "data.image_size=32", "trainer=gpu", *TINY_RUN],

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.data.store import device_augment_blocker
-from finetune.data.transforms import AUGMENTATIONS, augmentation_name
+from finetune.data.store import normalization_blocker
+from finetune.data.transforms import AUGMENTATIONS
 from finetune.errors import ConfigError
 from finetune.models.losses import BCEWithLogits, CrossEntropy
 from finetune.models.tasks import MultiLabel
@@ -147,17 +147,15 @@ def _augmentation_problems(cfg: DictConfig) -> Iterator[str]:
 
 
 def _store_problems(cfg: DictConfig) -> Iterator[str]:
-    """The decoded store: a positive `data.store_size`; `data.augment_on=device` only where the store can crop."""
+    """The decoded store: a positive `data.store_size`; `data.augment_on=device` only where the normalisation can
+    move to the device."""
     size = OmegaConf.select(cfg, "data.store_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         yield f"data.store_size={size} must be a side in pixels >= 1 (null = the eval transform's resize)"
     if OmegaConf.select(cfg, "data.augment_on") != "device":
         return
-    augment = OmegaConf.select(cfg, "data.augment")
     mixes = bool(OmegaConf.select(cfg, "data.mixup") or OmegaConf.select(cfg, "data.cutmix"))
-    erasing = OmegaConf.select(cfg, "data.random_erasing") or 0
-    stored = bool(OmegaConf.select(cfg, "data.store"))
-    if blocker := device_augment_blocker(stored, augmentation_name(augment), erasing, mixes):
+    if blocker := normalization_blocker(OmegaConf.select(cfg, "data.random_erasing") or 0, mixes):
         yield blocker
 
 

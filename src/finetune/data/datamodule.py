@@ -17,14 +17,19 @@ from torchvision.transforms.v2.functional import to_pil_image
 from finetune.data.images import ImageFolder, find_classes
 from finetune.data.sampling import BalancedSampler, ResumableLoader, Seeded, SeededCollate, SeededSampler
 from finetune.data.store import (
-    CropSample,
     DeviceAugment,
     StoredCrops,
     StoredImages,
     collate_crops,
-    device_augment_blocker,
+    normalization_blocker,
 )
-from finetune.data.transforms import augmentation_name, batch_transform, eval_transform, train_transform
+from finetune.data.transforms import (
+    NormalizeBatch,
+    augmentation_name,
+    batch_transform,
+    eval_transform,
+    train_transform,
+)
 from finetune.errors import ConfigError, MissingFileError
 from finetune.models.backbones import InputConfig
 
@@ -140,8 +145,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     `setup` with their names, or with `skip_bad_images` are left out and logged.
     Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing` (a probability),
     `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
-    `store`: the images decoded once into `store_dir` (`finetune.data.store`, `store_size` px), and d2l's crop and
-    flip run on the training device's batches (`augment_on`: `auto` = when it is a GPU, `device`, `workers`).
+    `store`: the images decoded once into `store_dir` (`finetune.data.store`, `store_size` px). `augment_on`: where
+    the training batches are normalised, and with the store d2l's crop and flip too: on the training device (`auto`
+    = when it is a GPU, `device`) or per image in the loader's workers (`workers`).
     """
 
     def __init__(
@@ -190,7 +196,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.sampler = sampler
         self.store, self.store_size, self.store_dir = store, store_size, Path(store_dir).expanduser()
         self.augment_on = augment_on
-        self._device_augment: DeviceAugment | None = None  # decided when the training loader is built
+        self._device_step: DeviceAugment | NormalizeBatch | None = None  # decided when the training loader is built
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self.labels: dict[str, list[Label]] = {}  # every split's labels, read once at setup
@@ -332,32 +338,43 @@ class ImageFolderDataModule(L.LightningDataModule):
             "persistent_workers": self.persistent_workers,
         }
 
-    def _choose_device_augment(self) -> DeviceAugment | None:
-        """What finishes the training batches on the device (`augment_on`), or None: each image is transformed
-        in the loader's workers."""
+    def _choose_device_step(self) -> DeviceAugment | NormalizeBatch | None:
+        """What finishes the training batches on the device (`augment_on`), or None: the loader's workers transform
+        each image whole. Stored images with d2l's crop and flip alone (or the eval crop) are cropped, flipped and
+        normalised there (`DeviceAugment`); other images arrive as the workers' uint8 crops, normalised there
+        (`NormalizeBatch`). Random erasing and MixUp/CutMix need normalised images in the workers."""
         train = self.datasets.get("train")
         if self.augment_on == "workers" or not isinstance(train, Transformed):  # cached features: no images
             return None
-        stored = isinstance(train.dataset, StoredImages)
-        blocker = device_augment_blocker(stored, self.augment, self.random_erasing, bool(self.mixup or self.cutmix))
+        blocker = normalization_blocker(self.random_erasing, bool(self.mixup or self.cutmix))
         if self.augment_on == "device" and blocker:
             raise ConfigError(blocker)
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DeviceAugment(self.input_config) if not blocker and (on_gpu or self.augment_on == "device") else None
+        if blocker or not (on_gpu or self.augment_on == "device"):
+            return None
+        if isinstance(train.dataset, StoredImages) and self.augment in ("d2l", "none"):
+            return DeviceAugment(self.input_config)
+        return NormalizeBatch(self.input_config)
 
     def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
-        """Training batches of stored images are cropped, flipped and normalised here, on the device."""
-        return self._device_augment(batch) if isinstance(batch, CropSample) else batch
+        """Training batches that the workers left as uint8 pixels (stored crops, or uint8 images) are finished
+        here, on the device (`_choose_device_step`)."""
+        unfinished = isinstance(batch, list | tuple) and getattr(batch[0], "dtype", None) == torch.uint8
+        return self._device_step(batch) if unfinished else batch
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or class-balanced), augmented and mixed by (seed, epoch, sample) and resumable mid-epoch
         (see `finetune.data.sampling`)."""
         mix = batch_transform(self.mixup, self.cutmix, self.num_classes)
         train = self.datasets["train"]
-        self._device_augment = self._choose_device_augment()
-        if self._device_augment is not None:
+        self._device_step = self._choose_device_step()
+        if isinstance(self._device_step, DeviceAugment):
             train = StoredCrops(train.dataset, train.indices, self.input_config, random=self.augment != "none")
             log.info("Training images are cropped, flipped and normalised as whole batches on the training device")
+        elif self._device_step is not None:
+            uint8 = train_transform(self.input_config, self.augment, normalize=False)
+            train = Transformed(train.dataset, train.indices, uint8)
+            log.info("Training images are normalised as whole batches on the training device (uint8 from the workers)")
         dataset = Seeded(train, with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         # the budget is in optimizer steps: with gradient accumulation each step takes that many batches
@@ -382,7 +399,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=self.drop_last,
-            collate_fn=SeededCollate(mix) if mix else collate_crops if self._device_augment else None,
+            collate_fn=SeededCollate(mix) if mix else collate_crops if isinstance(train, StoredCrops) else None,
             **self._worker_args(),
         )
 

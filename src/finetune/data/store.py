@@ -36,6 +36,7 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from finetune.data.images import ImageFolder, read_rgb
+from finetune.data.transforms import NormalizeBatch
 from finetune.errors import ConfigError
 from finetune.models.backbones import InputConfig
 
@@ -224,8 +225,7 @@ class DeviceAugment:
 
     def __init__(self, config: InputConfig):
         self.size = config.image_size
-        self.mean = torch.tensor(config.mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(config.std).view(1, 3, 1, 1) * 255
+        self.normalize = NormalizeBatch(config)
 
     def __call__(self, batch: CropSample) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch.image.float()
@@ -233,20 +233,19 @@ class DeviceAugment:
         boxes = torch.cat([rows, batch.box.to(images.dtype)], dim=1)
         crops = roi_align(images, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         crops = torch.where(batch.flip.view(-1, 1, 1, 1), crops.flip(-1), crops)
-        if self.mean.device != crops.device:  # moved once, not a copy to the device every batch
-            self.mean, self.std = self.mean.to(crops.device), self.std.to(crops.device)
-        return (crops - self.mean) / self.std, batch.label
+        return self.normalize.images(crops.mul_(1 / 255)), batch.label
 
 
-def device_augment_blocker(stored: bool, augment: str, random_erasing: float, mixes: bool) -> str | None:
-    """What keeps the training transform from running as `DeviceAugment` (as `data.augment_on=device` says it),
-    or None when it can: stored images with d2l's crop and flip (or the eval crop) and nothing after them."""
+def normalization_blocker(random_erasing: float, mixes: bool) -> str | None:
+    """What keeps the normalisation from moving to the training device's batches (`data.augment_on=device`): a
+    step after it that needs normalised images in the workers; None when nothing does."""
     blockers = [
-        "data.store=false" if not stored else None,
-        f"data.augment={augment}" if augment not in ("d2l", "none") else None,
         f"data.random_erasing={random_erasing}" if random_erasing > 0 else None,
         "data.mixup/data.cutmix" if mixes else None,
     ]
     if blocker := next((b for b in blockers if b), None):
-        return f"data.augment_on=device needs data.store=true and d2l's augmentation alone (augment=d2l or none), not {blocker}"
+        return (
+            "data.augment_on=device normalises the training batches on the device (with data.store=true, d2l's "
+            f"crop and flip too), but {blocker} needs normalised images in the loader's workers: set data.augment_on=auto"
+        )
     return None

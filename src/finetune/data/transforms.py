@@ -9,10 +9,11 @@ random choice draws from torch's default generator, which `finetune.data.samplin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
 
 from finetune.models.backbones import InputConfig
 
@@ -32,12 +33,17 @@ def augmentation_name(augment: str | bool) -> str:
     return LEGACY_AUGMENT[augment] if isinstance(augment, bool) else augment
 
 
-def _pipeline(config: InputConfig, *resize_and_crop: v2.Transform, erasing: float = 0.0) -> v2.Compose:
+def _pipeline(
+    config: InputConfig, *resize_and_crop: v2.Transform, erasing: float = 0.0, normalize: bool = True
+) -> v2.Compose:
     """uint8 tensor -> resize and crop (and augment) -> float, normalised with the weights' mean and std,
-    then random erasing with probability `erasing` (on the normalised image, as torchvision's references)."""
-    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(config.mean), list(config.std))]
+    then random erasing with probability `erasing` (on the normalised image, as torchvision's references).
+    `normalize=False` stops at the uint8 image, for `NormalizeBatch` to finish whole batches."""
+    if not normalize and erasing > 0:
+        raise ValueError("random erasing works on normalised images: it cannot follow a normalisation of the batch")
+    normalized = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(config.mean), list(config.std))]
     erase = [v2.RandomErasing(p=erasing)] if erasing > 0 else []
-    return v2.Compose([v2.ToImage(), *resize_and_crop, *normalize, *erase])
+    return v2.Compose([v2.ToImage(), *resize_and_crop, *(normalized if normalize else []), *erase])
 
 
 def _eval_resize_and_crop(config: InputConfig) -> list[v2.Transform]:
@@ -45,24 +51,48 @@ def _eval_resize_and_crop(config: InputConfig) -> list[v2.Transform]:
     return [resize, v2.CenterCrop(config.image_size)]
 
 
-def train_transform(config: InputConfig, augment: str | bool = "d2l", random_erasing: float = 0.0) -> v2.Compose:
+def train_transform(
+    config: InputConfig, augment: str | bool = "d2l", random_erasing: float = 0.0, normalize: bool = True
+) -> v2.Compose:
     """d2l's RandomResizedCrop + horizontal flip, then the preset's policy (TrivialAugmentWide, RandAugment);
-    with `none` the eval transform. `random_erasing` > 0 erases a random rectangle with that probability."""
+    with `none` the eval transform. `random_erasing` > 0 erases a random rectangle with that probability.
+    `normalize=False`: uint8 images, normalised on the training device (`NormalizeBatch`)."""
     name = augmentation_name(augment)
     if name == "none":
-        return _pipeline(config, *_eval_resize_and_crop(config), erasing=random_erasing)
+        return _pipeline(config, *_eval_resize_and_crop(config), erasing=random_erasing, normalize=normalize)
     interpolation = InterpolationMode(config.interpolation)
     crop = v2.RandomResizedCrop(config.image_size, interpolation=interpolation, antialias=True)
     policy = POLICIES[name]
     # bilinear as torchvision's references: on tensors the policies' warps take only nearest or bilinear
     policies = [policy(interpolation=InterpolationMode.BILINEAR)] if policy else []
-    return _pipeline(config, crop, v2.RandomHorizontalFlip(), *policies, erasing=random_erasing)
+    return _pipeline(config, crop, v2.RandomHorizontalFlip(), *policies, erasing=random_erasing, normalize=normalize)
 
 
 def eval_transform(config: InputConfig) -> v2.Compose:
     """The short side resized to `config.resize`, then the centre crop (what the weights were evaluated with:
     256 -> 224 for ResNet-18, 232 -> 224 for torchvision's ResNet-50 and MobileNetV2 V2 weights)."""
     return _pipeline(config, *_eval_resize_and_crop(config))
+
+
+class NormalizeBatch:
+    """Batches of uint8 images (N, 3, H, W), on whatever device they are, to the floats the per-image transform's
+    last steps make: its arithmetic (x * (1/255) - mean) / std, so the same bits, with a quarter of the bytes
+    to move from the loader's workers to the device and the device's arithmetic."""
+
+    def __init__(self, config: InputConfig):
+        self.mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.std).view(1, 3, 1, 1)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images, or floats already scaled to [0, 1] (normalised in place)."""
+        floats = TF.to_dtype(images, torch.float32, scale=True)
+        if self.mean.device != floats.device:  # moved once, not a copy to the device every batch
+            self.mean, self.std = self.mean.to(floats.device), self.std.to(floats.device)
+        return floats.sub_(self.mean).div_(self.std)
+
+    def __call__(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        return self.images(images), labels
 
 
 def batch_transform(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
