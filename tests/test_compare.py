@@ -82,6 +82,18 @@ def test_recommendation_sentence():
     assert "one seed gives no confidence interval" in one_seed
 
 
+def test_a_lead_lost_to_the_correction_is_not_called_noise_nor_offered_as_the_cheaper_choice():
+    # d: p 0.035 alone, Holm 0.070 over the two comparisons (test_holm_turns_a_borderline_p); c within noise
+    table = {"a": TABLE["a"], "d": {1: 0.78, 2: 0.79, 3: 0.77}, "c": TABLE["c"]}
+    text = recommendation(compare(table), cost={"a": 100.0, "c": 60.0, "d": 10.0})
+    assert (
+        "`d` is 3.0 ± 2.5 points lower alone (p = 0.035), but not beyond the correction for 2 comparisons "
+        "(Holm p = 0.07)" in text
+    ), text
+    assert "With 3 seeds, `c`, `d` cannot be told apart from `a`" in text
+    assert text.endswith("Of those, `c` fits in 60% of the time: the cheaper choice within noise."), text
+
+
 def test_statistics_use_the_seeds_every_setting_completed():
     table = {"a": dict(TABLE["a"]), "b": {1: 0.77, 2: 0.795}, "c": {}}  # b's seed 3 failed, c never ran
     result = compare(table, f1=table)

@@ -215,9 +215,25 @@ def _p_is(value: float) -> str:
     return text if text.startswith("<") else f"= {text}"
 
 
+def _against_best(row: Row, comparisons: int) -> str:
+    """A setting's clause of the recommendation: worse beyond noise, lower only before the correction for the
+    number of comparisons, or within noise."""
+    diff, half = f"{100 * -row.diff:.1f} ± {100 * row.diff_half:.1f} points", f"Holm p {_p_is(row.p_holm)}"
+    if row.significant:
+        return f"`{row.setting}` is {diff} worse ({half})"
+    if row.p < ALPHA:
+        return (
+            f"`{row.setting}` is {diff} lower alone (p {_p_is(row.p)}), but not beyond the correction for "
+            f"{comparisons} comparisons ({half})"
+        )
+    return f"`{row.setting}` is within noise of it ({_points(row.diff)} ± {100 * row.diff_half:.1f} points, {half})"
+
+
 def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = None) -> str:
     """One paragraph that says what the numbers support: the best setting, which ones are worse beyond noise,
-    which are within it, and when more seeds would be needed to decide. `cost`: fit time per setting (s)."""
+    which are lower only before the correction for the number of comparisons, which are within noise, and when
+    more seeds would be needed to decide. `cost`: fit time per setting (s); the cheaper choice is offered only
+    among the settings within noise."""
     rows, n = comparison.rows, len(comparison.seeds)
     if not rows or n == 0:
         return "No seed has a completed run of every setting yet: nothing to compare (see the jobs below)."
@@ -231,25 +247,18 @@ def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = No
             "is real."
         )
     head = f"`{best.setting}` is best (test accuracy {best.mean:.3f} ± {best.half:.3f} over {n} seeds)"
-    worse = [r for r in rows[1:] if r.significant]
-    close = [r for r in rows[1:] if not r.significant]
-    parts = [
-        f"`{r.setting}` is within noise of it ({_points(r.diff)} ± {100 * r.diff_half:.1f} points, Holm p {_p_is(r.p_holm)})"
-        for r in close
-    ]
-    parts += [
-        f"`{r.setting}` is {100 * -r.diff:.1f} ± {100 * r.diff_half:.1f} points worse (Holm p {_p_is(r.p_holm)})"
-        for r in worse
-    ]
-    text = head + "; " + "; ".join(parts) + "."
-    if not close:
+    compared = [r for r in rows[1:] if not math.isnan(r.diff)]  # not the settings without a completed run
+    text = head + "; " + "; ".join(_against_best(r, len(compared)) for r in compared) + "."
+    undecided = [r for r in compared if not r.significant]
+    if not undecided:
         return text + f" Every other setting is worse beyond the seed-to-seed noise: use `{best.setting}`."
-    names = ", ".join(f"`{r.setting}`" for r in close)
-    needed = [seeds_needed(r.diff, r.diff_std) for r in close]
+    names = ", ".join(f"`{r.setting}`" for r in undecided)
+    needed = [seeds_needed(r.diff, r.diff_std) for r in undecided]
     known = [k for k in needed if k is not None]
     more = f" (the differences seen would need up to about {max(known)} seeds)" if known and max(known) > n else ""
     text += f" With {n} seeds, {names} cannot be told apart from `{best.setting}`: more seeds would be needed to decide{more}."
     if cost and not math.isnan(cost.get(best.setting, math.nan)):
+        close = [r for r in undecided if not r.p < ALPHA]  # not those lower before the correction
         cheap = [r for r in close if cost.get(r.setting, math.inf) < 0.8 * cost[best.setting]]
         if cheap:
             fastest = min(cheap, key=lambda r: cost[r.setting])
