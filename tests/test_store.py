@@ -22,7 +22,7 @@ from finetune.errors import ConfigError
 from finetune.models import InputConfig
 from finetune.train import train
 from finetune.validation import validate
-from tests.helpers import compose_train, doc_commands, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, make_image_folder, run_cli
 
 CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
 # the recommended recipe, short: pretrained Lite0, 2 epochs (the head alone, then everything), batches of 8
@@ -218,6 +218,20 @@ def test_on_the_device_the_workers_uint8_images_are_normalised_to_the_per_image_
         assert finished is batch and batch[0].dtype == torch.float32  # nothing left for the device to do
         torch.testing.assert_close(device_images, batch[0], rtol=0, atol=0)
         assert torch.equal(device_labels, batch[1])
+
+
+def test_train_py_normalising_on_the_device_trains_the_weights_the_workers_train(images, tmp_path):
+    """Through Lightning's hook (`on_after_batch_transfer`), uint8 batches normalised on the device train the
+    same weights, bit for bit, as the workers' normalised images."""
+
+    def trained(augment_on: str) -> dict[str, torch.Tensor]:
+        overrides = ["data=imagefolder", f"data.root={images}", *SMALL_MODEL, *TINY, f"data.augment_on={augment_on}"]
+        train(compose_train(tmp_path / augment_on, overrides))
+        checkpoint = tmp_path / augment_on / "run" / "checkpoints" / "last.ckpt"
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+    on_device, in_workers = trained("device"), trained("workers")
+    torch.testing.assert_close(on_device, in_workers, rtol=0, atol=0)
 
 
 def test_auto_finishes_batches_on_a_gpu_only(images, tmp_path):
