@@ -97,12 +97,9 @@ def crop_at_source(source_size: int) -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(source_size, antialias=True), v2.RandomHorizontalFlip()])
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+def resize_batch(images: torch.Tensor, normalize: NormalizeBatch, size: int) -> torch.Tensor:
     """uint8 (B, 3, s, s) -> normalised float (B, 3, size, size), what the model side would do."""
-    images = F.interpolate(images.float().div_(255), size=(size, size), mode="bilinear", antialias=False)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return images.sub_(mean).div_(std)
+    return normalize.images(F.interpolate(images.float().div_(255), size=(size, size), mode="bilinear"))
 
 
 def loader_rate(
@@ -171,7 +168,7 @@ def variants(
     }
     if tiny_source:
         crop = crop_at_source(tiny_source)
-        found["batch resize"] = (Decoded(folder, read_rgb, crop), lambda batch: resize_batch(batch[0], size))
+        found["batch resize"] = (Decoded(folder, read_rgb, crop), lambda batch: resize_batch(batch[0], normalize, size))
     found["store"] = (Transformed(stored, everything, project), None)
     found["store, uint8 batches"] = (Transformed(stored, everything, uint8), normalized)
     found["store, batch crop"] = (StoredCrops(stored, everything, config), lambda batch: device(batch)[0])

@@ -4,7 +4,8 @@ transform, the training augmentation presets (`data.augment`), random erasing, a
 The image becomes a uint8 tensor first: torchvision resizes uint8 tensors about 3x faster than PIL
 does PIL images (BENCHMARKS.md, data pipeline), with the same crop parameters and antialiasing. Every
 random choice draws from torch's default generator, which `finetune.data.sampling` seeds per sample
-(and per batch for MixUp/CutMix).
+(and per batch for MixUp/CutMix). On a GPU the last two steps, to float and normalised, run on whole batches
+there (`NormalizeBatch`): the loader's workers hand over uint8 images.
 """
 
 from __future__ import annotations
