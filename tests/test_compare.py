@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from finetune.builders import build_datamodule
-from finetune.comparison import compare, holm, recommendation
+from finetune.compare import warm_up, with_setting
+from finetune.comparison import Job, compare, holm, recommendation
 from finetune.comparison import main as comparison_main
+from finetune.config import compose_config
 from finetune.data.datamodule import ImageFolderDataModule, few_shot
 from finetune.data.sampling import SeededSampler
 from finetune.models.backbones import InputConfig
@@ -152,6 +154,17 @@ def readme_command(image_folder: Path) -> list[str]:
     args = command.split()[1:]  # python compare.py ... as typed
     args = [f"data.root={image_folder}" if a.startswith("data.root=") else a for a in args]
     return [*args, *TINY[:1], "optimizer=sgd", "scheduler=none", *SMALL_MODEL, "trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize("data", [[], ["data.store=true"]], ids=["files", "store"])
+def test_the_warm_up_times_the_batches_the_device_finishes(tmp_path: Path, image_folder: Path, data: list[str]):
+    """With `data.augment_on=device` the loader yields uint8 images (or the store's crop boxes): the warm-up
+    finishes them as Lightning does, and its estimate stands."""
+    task = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, "data.num_workers=0", *data]
+    task += ["data.augment_on=device"]
+    job = Job("finetune-seed1", "finetune", 1, None, ["strategy=finetune", "seed=1"])
+    warm = warm_up(compose_config(with_setting(task, job), tmp_path), task, job, steps=2)
+    assert warm["train_step_s"] > 0 and warm["eval_batch_s"] > 0 and sum(warm["counts"]) > 0
 
 
 def test_compare_cli_as_readme_types_it(tmp_path: Path, image_folder: Path, one_thread):

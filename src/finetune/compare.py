@@ -29,6 +29,7 @@ import torch
 from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from finetune.builders import build, build_datamodule
@@ -248,9 +249,10 @@ def warm_up(cfg: DictConfig, task: Sequence[str], job: Job, steps: int) -> dict[
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-7)
     train_times, eval_times = [], []
     loader = datamodule.train_dataloader()
-    for index, (images, labels) in enumerate(loader):
+    for index, batch in enumerate(loader):
         tic = time.perf_counter()
-        images, labels = images.to(device), labels.to(device)
+        # as Lightning does: to the device, where the datamodule finishes what the workers left (uint8 images)
+        images, labels = datamodule.on_after_batch_transfer(move_data_to_device(batch, device), 0)
         loss = torch.nn.functional.cross_entropy(model(images), labels.long() if labels.dim() == 1 else labels)
         optimizer.zero_grad()
         loss.backward()
