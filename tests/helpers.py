@@ -94,26 +94,27 @@ def run_cli(args: list[str], root: Path, timeout: int = 300, fresh: bool = False
     interpreter: for what a library reads from the environment when it is imported (the Hugging Face hub's
     folders and offline mode)."""
     env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, *args]
     if fresh:
-        result = subprocess.run(
-            [sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-        )
-        result.output = result.stdout + result.stderr
-        return result
+        result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        result = _forked(command, env, timeout)
+    result.output = result.stdout + result.stderr
+    return result
+
+
+def _forked(command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """`command` (python and its arguments) run by `_run_command` in a process forked from the server."""
     with tempfile.TemporaryDirectory() as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        process = _FORKS.Process(target=_run_command, args=(list(args), env, str(out), str(err)))
+        process = _FORKS.Process(target=_run_command, args=(command[1:], env, str(out), str(err)))
         process.start()
         process.join(timeout)
         if process.is_alive():
             process.kill()
             process.join()
-            raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
-        result = subprocess.CompletedProcess(
-            [sys.executable, *args], process.exitcode, out.read_text(), err.read_text()
-        )
-    result.output = result.stdout + result.stderr
-    return result
+            raise subprocess.TimeoutExpired(command, timeout)
+        return subprocess.CompletedProcess(command, process.exitcode, out.read_text(), err.read_text())
 
 
 def _run_command(args: list[str], env: dict[str, str], out: str, err: str) -> None:

@@ -93,6 +93,11 @@ class Row:
     def significant(self) -> bool:
         return not self.best and not math.isnan(self.p_holm) and self.p_holm < ALPHA
 
+    @property
+    def lower_alone(self) -> bool:
+        """Worse by its own test (its CI excludes 0) but not beyond Holm's correction for the comparisons made."""
+        return not self.best and not self.significant and self.p < ALPHA
+
 
 @dataclass
 class Comparison:
@@ -221,7 +226,7 @@ def _against_best(row: Row, comparisons: int) -> str:
     diff, half = f"{100 * -row.diff:.1f} ± {100 * row.diff_half:.1f} points", f"Holm p {_p_is(row.p_holm)}"
     if row.significant:
         return f"`{row.setting}` is {diff} worse ({half})"
-    if row.p < ALPHA:
+    if row.lower_alone:
         return (
             f"`{row.setting}` is {diff} lower alone (p {_p_is(row.p)}), but not beyond the correction for "
             f"{comparisons} comparisons ({half})"
@@ -258,7 +263,7 @@ def recommendation(comparison: Comparison, cost: Mapping[str, float] | None = No
     more = f" (the differences seen would need up to about {max(known)} seeds)" if known and max(known) > n else ""
     text += f" With {n} seeds, {names} cannot be told apart from `{best.setting}`: more seeds would be needed to decide{more}."
     if cost and not math.isnan(cost.get(best.setting, math.nan)):
-        close = [r for r in undecided if not r.p < ALPHA]  # not those lower before the correction
+        close = [r for r in undecided if not r.lower_alone]
         cheap = [r for r in close if cost.get(r.setting, math.inf) < 0.8 * cost[best.setting]]
         if cheap:
             fastest = min(cheap, key=lambda r: cost[r.setting])
