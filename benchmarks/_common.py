@@ -9,6 +9,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -92,19 +93,24 @@ class StepClock(Callback):
     """Wall time and this process's CPU time at the end of every training step (after the optimizer step
     and logging). CPU time hardly depends on what other jobs do on the machine; wall time does. On a GPU also its
     utilisation then (`gpu`: the share of the last NVML sample period, 1/6 to 1 s, that a kernel ran, as
-    nvidia-smi reads it), where NVML answers."""
+    nvidia-smi reads it), where NVML answers.
 
-    def __init__(self) -> None:
+    On a GPU a time is when the step's kernels have finished, not when they were queued: the clock waits for them.
+    `synchronize_at` (the steps' indices) makes it wait at those steps only, e.g. where a timed window starts and
+    ends, so that the host queues the steps in between while the GPU runs, as in training (None: at every step)."""
+
+    def __init__(self, synchronize_at: Collection[int] | None = None) -> None:
         self.times: list[float] = []
         self.cpu: list[float] = []
         self.gpu: list[float] = []
+        self.synchronize_at = synchronize_at
         self._nvml = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         self.tick()
 
     def tick(self) -> None:
-        if torch.cuda.is_initialized():  # the time the step's kernels end, not when they were queued
+        if torch.cuda.is_initialized() and (self.synchronize_at is None or len(self.times) in self.synchronize_at):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
         self.cpu.append(time.process_time())

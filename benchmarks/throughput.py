@@ -108,9 +108,11 @@ def plain_model(cfg: DictConfig, module: nn.Module) -> nn.Module:
     return net
 
 
-def plain_loop(cfg: DictConfig, steps: int, resident: int = 0) -> StepClock:
+def plain_loop(cfg: DictConfig, steps: int, warmup: int, resident: int = 0) -> StepClock:
     """d2l's training loop over the same data and transforms; the time after every optimizer step. `resident`:
-    that many batches are taken from the loader first, moved to the device and cycled (no loader in the loop)."""
+    that many batches are taken from the loader first, moved to the device and cycled (no loader in the loop).
+    The running loss and accuracy stay on the device (d2l reads them each step: on a GPU the host would wait for
+    every step before queueing the next, and the loop would not be the model's own speed)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule, module = build(cfg)
     datamodule.setup("fit")
@@ -147,7 +149,8 @@ def plain_loop(cfg: DictConfig, steps: int, resident: int = 0) -> StepClock:
                 break
         batches = [batches[step % len(batches)] for step in range(steps)]
         del loader
-    clock, loss_sum, correct = StepClock(), 0.0, 0
+    clock = window_clock(warmup, steps)
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for step, (images, labels) in enumerate(batches):
         if step == steps:
             break
@@ -159,19 +162,24 @@ def plain_loop(cfg: DictConfig, steps: int, resident: int = 0) -> StepClock:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.item() * len(labels)
-        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
         clock.tick()
     return clock
 
 
-def run_side(side: str, cfgs: dict[str, DictConfig], steps: int) -> StepClock:
+def window_clock(warmup: int, steps: int) -> StepClock:
+    """A clock that waits for the GPU only where the timed window starts and ends (see `images_per_s`)."""
+    return StepClock(synchronize_at={warmup - 1, steps - 1})
+
+
+def run_side(side: str, cfgs: dict[str, DictConfig], steps: int, warmup: int) -> StepClock:
     """One timed run of a side (`VARIANTS`)."""
     if side == "ceiling":
-        return plain_loop(cfgs["plain"], steps, resident=min(steps, 4))
+        return plain_loop(cfgs["plain"], steps, warmup, resident=min(steps, 4))
     if side == "plain":
-        return plain_loop(cfgs["plain"], steps)
-    clock = StepClock()
+        return plain_loop(cfgs["plain"], steps, warmup)
+    clock = window_clock(warmup, steps)
     fit(cfgs[side], clock)
     return clock
 
@@ -186,7 +194,7 @@ def measure(
     for round_ in range(rounds):
         shift = round_ % len(variants)
         for side in variants[shift:] + variants[:shift]:
-            clock = run_side(side, cfgs, steps)
+            clock = run_side(side, cfgs, steps, warmup)
             rates.setdefault(side, []).append(images_per_s(clock.times, warmup, batch_size))
             rates.setdefault(f"{side} cpu", []).append(images_per_s(clock.cpu, warmup, batch_size))
             if clock.gpu[warmup:]:

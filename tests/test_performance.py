@@ -176,6 +176,18 @@ def test_throughput_benchmark_runs(image_folder):
     assert result["lightning"] > 0 and result["plain"] > 0 and result["ratio"] > 0
 
 
+@pytest.mark.parametrize("side", ["ceiling", "plain", "fit"])
+def test_each_side_ticks_once_a_step_so_the_clock_waits_for_the_gpu_where_the_window_ends(tmp_path, image_folder, side):
+    """On a GPU the clock waits for the device at the window's first and last step only: the last tick must be the
+    last step's (the steps in between are queued while the GPU runs, as in training)."""
+    from benchmarks import throughput
+    from finetune.config import compose_config
+
+    cfg = compose_config(throughput.overrides(image_folder, "tiny", 32, 4, 3, ["data.num_workers=0"]), tmp_path)
+    clock = throughput.run_side(side, {"plain": cfg, "fit": cfg}, steps=3, warmup=1)
+    assert len(clock.times) == 3 and clock.synchronize_at == {0, 2}
+
+
 def test_throughput_fit_trains_every_weight_as_the_plain_loop(tmp_path):
     """The default recipe trains the head alone in its first epoch; the plain loop trains everything."""
     from benchmarks import throughput

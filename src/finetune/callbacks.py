@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import get_class
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune.analysis import collapse, write_multilabel_report, write_report
@@ -27,26 +28,47 @@ def optional(callback: str, enabled: bool = False, **kwargs: Any) -> Callback | 
 
 
 class FiniteLoss(Callback):
-    """Stops the run with a clear error as soon as the training loss is NaN or infinite.
+    """Stops the run with a clear error when the training loss turns NaN or infinite.
 
-    A diverged run would otherwise go on for its remaining epochs and report chance accuracy as if
-    it had finished; raising before the next checkpoint keeps the last good one. Every rank takes
-    the same decision (DDP), so no rank is left waiting for the others. A step can also turn the
-    weights non-finite while its loss was still finite: no checkpoint is written with such weights.
+    A diverged run would otherwise go on for its remaining epochs and report chance accuracy as if it had finished.
+    Reading the loss each step would make the host wait for the GPU at every step (and the GPU wait while the next
+    step is launched), so the first non-finite loss and its step stay on the device, and are read every
+    `trainer.log_every_n_steps` batches (where Lightning's logging waits for the GPU anyway), at the end of each
+    epoch and before every checkpoint: none is written after the loss diverged, so the last good one stays. Every
+    rank takes the same decision (DDP), so no rank is left waiting for the others. A step can also turn the weights
+    non-finite while its loss was still finite: no checkpoint is written with such weights either.
     """
+
+    def __init__(self) -> None:
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None  # (step, loss) of the first non-finite loss
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        value = 0.0 if loss is None else float(loss.detach().float().mean())  # None: the step was skipped
-        if trainer.strategy.reduce_boolean_decision(not math.isfinite(value), all=False):
+        if loss is not None:  # None: the step was skipped
+            value = loss.detach().float().mean()
+            step, first = self._first or (torch.full_like(value, -1), value)
+            new = ~value.isfinite() & (step < 0)  # tensor ops only: nothing here waits for the device
+            self._first = torch.where(new, float(trainer.global_step), step), torch.where(new, value, first)
+        if (batch_idx + 1) % max(trainer.log_every_n_steps, 1) == 0:
+            self._stop_if_diverged(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stop_if_diverged(trainer)
+
+    def _stop_if_diverged(self, trainer: L.Trainer) -> None:
+        step = -1 if self._first is None else int(self._first[0])
+        if trainer.strategy.reduce_boolean_decision(step >= 0, all=False):
+            where = f"{float(self._first[1])} on this process" if step >= 0 else "on another process"
             raise FloatingPointError(
-                f"The training loss is not finite ({value} on this process) at epoch {trainer.current_epoch}, "
-                f"step {trainer.global_step}: training diverged. Lower optimizer.lr or the lr multipliers."
+                f"The training loss is not finite ({where}) at epoch {trainer.current_epoch}, "
+                f"step {step if step >= 0 else trainer.global_step}: training diverged. "
+                "Lower optimizer.lr or the lr multipliers."
             )
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._stop_if_diverged(trainer)
         state = checkpoint["state_dict"]
         # One norm per tensor first (inf or NaN anywhere makes the norm of the norms non-finite): one cheap
         # reduction per tensor in the usual all-finite case; the per-tensor search only when something is off.
@@ -60,6 +82,34 @@ class FiniteLoss(Callback):
                 f"{len(bad)} weight tensors are not finite ({', '.join(bad[:3])}): training diverged. "
                 "Lower optimizer.lr or the lr multipliers; the checkpoints saved before are intact."
             )
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, with the training metrics of the latest step read at most every `every_s` seconds.
+
+    Lightning turns every metric logged with `prog_bar=True` on each step into a Python number after every batch: the
+    host would wait for the GPU at every step, and the GPU for the host while it launches the next one. The module
+    logs its training metrics for the loggers alone, and this bar reads them (`trainer.callback_metrics`, as
+    `train/<name>_step` and, once the epoch ends, `train/<name>_epoch`) twice a second and at the end of each epoch.
+    """
+
+    def __init__(self, every_s: float = 0.5, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.every_s = every_s
+        self._read_at = -math.inf
+        self._training: dict[str, float] = {}
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if time.monotonic() - self._read_at >= self.every_s:
+            metrics = trainer.callback_metrics.items()
+            suffixes = ("_step", "_epoch")
+            self._training = {k: float(v) for k, v in metrics if k.startswith("train/") and k.endswith(suffixes)}
+            self._read_at = time.monotonic()
+        return {**super().get_metrics(trainer, pl_module), **self._training}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read_at = -math.inf  # the epoch's own values, however soon after the last read
+        super().on_train_epoch_end(trainer, pl_module)
 
 
 class SplitOutputs(Callback):

@@ -285,9 +285,10 @@ class FineTuneModule(L.LightningModule):
                 value = term(self, output)
                 self.log(f"train/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True)
                 loss = loss + value
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True)
+        # not on the progress bar each step: Lightning would wait for the device to read them (finetune.callbacks.ProgressBar)
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=True)
         for name, metric in getattr(self, f"{stage}_metrics")(logits, targets).items():  # finetune.models.tasks
-            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=True)
+            self.log(f"{stage}/{name}", metric, on_step=on_step, on_epoch=True, prog_bar=not on_step)
         return loss, logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
