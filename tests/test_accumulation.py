@@ -82,6 +82,7 @@ def test_a_mid_epoch_checkpoint_due_between_the_batches_of_a_step_waits_for_its_
         "trainer.accumulate_grad_batches=2",
         "callbacks.mid_epoch_checkpoint.train_time_interval.minutes=0",
         "+callbacks.mid_epoch_checkpoint.train_time_interval.seconds=0.2",
+        "trainer.log_every_n_steps=1",  # the clock asked at every step (StepCheckpoint)
     ]
     cfg = compose_train(tmp_path, run)
     datamodule, model = build(cfg)

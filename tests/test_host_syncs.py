@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import re
 import traceback
+from datetime import timedelta
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.overrides import TorchFunctionMode
 
 from finetune import builders
 from finetune.callbacks import ProgressBar
+from finetune.checkpoint import StepCheckpoint
 from finetune.train import train
 from tests.helpers import SMALL_MODEL, compose_train, make_image_folder
 
@@ -163,3 +166,21 @@ def test_the_progress_bar_reads_the_training_metrics_at_most_every_every_s():
     shown = bar.get_metrics(trainer, None)
     assert shown["train/loss_step"] == 1.0 and shown["train/loss_epoch"] == 1.5
     assert all(type(value) is float for value in shown.values())
+
+
+@pytest.mark.parametrize(("interval", "asked"), [(timedelta(minutes=30), [5, 10, 15]), (None, list(range(1, 16)))])
+def test_the_mid_epoch_checkpoint_asks_the_clock_every_log_every_n_steps(monkeypatch, interval, asked):
+    """Lightning's ModelCheckpoint asks its clock after every batch, under DDP with a broadcast from rank 0 (every rank
+    waits for its GPU): with a time interval StepCheckpoint asks it where Lightning logs. A step count
+    (`every_n_train_steps`) is Lightning's to check at every step: it needs no collective."""
+    calls = []
+    monkeypatch.setattr(
+        ModelCheckpoint, "on_train_batch_end", lambda self, trainer, *args: calls.append(trainer.global_step)
+    )
+    checkpoint = StepCheckpoint(train_time_interval=interval, every_n_train_steps=None if interval else 7)
+    for step in range(1, 16):
+        trainer = SimpleNamespace(
+            global_step=step, accumulate_grad_batches=1, num_training_batches=100, log_every_n_steps=5
+        )
+        checkpoint.on_train_batch_end(trainer, None, None, None, step - 1)
+    assert calls == asked

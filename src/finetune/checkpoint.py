@@ -87,13 +87,19 @@ class StepCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint that saves during an epoch only after an optimizer step. With gradient
     accumulation (`trainer.accumulate_grad_batches`) a save between the batches of a step would leave out the
     gradients summed so far, and the resumed run would step on the remaining batches alone: a save that falls due
-    in between (`train_time_interval`) waits for the step's last batch."""
+    in between (`train_time_interval`) waits for the step's last batch.
+
+    With a `train_time_interval`, the clock is asked every `trainer.log_every_n_steps` optimizer steps, not after
+    each: under DDP Lightning's ModelCheckpoint broadcasts rank 0's answer, a collective that makes every rank wait
+    for its GPU at every step."""
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         batches = batch_idx + 1  # this epoch's, as Lightning counts them to decide when to step
-        if batches % trainer.accumulate_grad_batches == 0 or batches == trainer.num_training_batches:
+        step_ends = batches % trainer.accumulate_grad_batches == 0 or batches == trainer.num_training_batches
+        clock_asked = self._train_time_interval is None or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+        if step_ends and clock_asked:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
