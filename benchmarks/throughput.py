@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import gc
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -149,7 +150,7 @@ def plain_loop(cfg: DictConfig, steps: int, warmup: int, resident: int = 0) -> S
                 break
         batches = [batches[step % len(batches)] for step in range(steps)]
         del loader
-    clock = window_clock(warmup, steps)
+    clock = WindowClock(warmup, steps)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for step, (images, labels) in enumerate(batches):
         if step == steps:
@@ -168,9 +169,30 @@ def plain_loop(cfg: DictConfig, steps: int, warmup: int, resident: int = 0) -> S
     return clock
 
 
-def window_clock(warmup: int, steps: int) -> StepClock:
-    """A clock that waits for the GPU only where the timed window starts and ends (see `images_per_s`)."""
-    return StepClock(synchronize_at={warmup - 1, steps - 1})
+class WindowClock(StepClock):
+    """A clock that waits for the GPU only where the timed window starts and ends (see `images_per_s`), and counts
+    the times the host waited for the GPU in between (`waits`: CUDA's sync debug mode warns at each such call)."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        super().__init__(synchronize_at={warmup - 1, steps - 1})
+        self.window = (warmup - 1, steps - 1)
+        self.waits: int | None = None
+        self._counting: warnings.catch_warnings | None = None
+        self._warned: list[warnings.WarningMessage] = []
+
+    def tick(self) -> None:
+        step = len(self.times)
+        if step == self.window[1] and self._counting is not None:  # before the clock's own wait
+            torch.cuda.set_sync_debug_mode(0)
+            self._counting.__exit__(None, None, None)
+            self.waits = sum("synchronizing CUDA operation" in str(w.message) for w in self._warned)
+            self._counting = None
+        super().tick()
+        if step == self.window[0] and torch.cuda.is_initialized():
+            self._counting = warnings.catch_warnings(record=True)
+            self._warned = self._counting.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
 
 
 def run_side(side: str, cfgs: dict[str, DictConfig], steps: int, warmup: int) -> StepClock:
@@ -179,7 +201,7 @@ def run_side(side: str, cfgs: dict[str, DictConfig], steps: int, warmup: int) ->
         return plain_loop(cfgs["plain"], steps, warmup, resident=min(steps, 4))
     if side == "plain":
         return plain_loop(cfgs["plain"], steps, warmup)
-    clock = window_clock(warmup, steps)
+    clock = WindowClock(warmup, steps)
     fit(cfgs[side], clock)
     return clock
 
@@ -199,6 +221,8 @@ def measure(
             rates.setdefault(f"{side} cpu", []).append(images_per_s(clock.cpu, warmup, batch_size))
             if clock.gpu[warmup:]:
                 rates.setdefault(f"{side} gpu", []).append(mean(clock.gpu[warmup:]))
+            if clock.waits is not None:
+                rates.setdefault(f"{side} waits", []).append(clock.waits / (len(clock.times) - warmup))
             del clock
             gc.collect()  # the finished side's workers and tensors go now, not during the other's steps
             if torch.cuda.is_available():
@@ -284,18 +308,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         return results
     if variants == ("plain", "fit"):
         headers = ["model", "size", "lightning", "plain", "ratio", "rounds", "CPU-time ratio", "CPU ms/step more"]
+        headers += [h for h in ("GPU %", "host waits/step") if any(h in result for result in results)]
         print(
             "\nimages/s (median of rounds); ratio = train.py / plain loop, per round in `rounds`; the same ratio of "
             "images per CPU second of the main process, and the CPU time train.py spends more per step\n"
         )
     else:
         ratios = [f"{a}/{b}" for a, b in RATIOS if a in variants and b in variants]
-        gpu = ["GPU %"] if any("GPU %" in result for result in results) else []
+        gpu = [h for h in ("GPU %", "host waits/step") if any(h in result for result in results)]
         headers = ["model", "size", *variants, *ratios, "rounds", *gpu]
         print(
             "\nimages/s (median of rounds): "
             + "; ".join(f"{side} = {VARIANTS[side]}" for side in variants)
-            + f"; the goal ratios per round in `rounds`{'; GPU % = mean utilisation of each side, same order' if gpu else ''}\n"
+            + f"; the goal ratios per round in `rounds`{'; GPU % = mean utilisation of each side, same order' if gpu else ''}"
+            + ("; host waits/step = times the host waited for the GPU per timed step, same order\n" if gpu else "\n")
         )
     print(table(headers, [[r.get(h) for h in headers] for r in results]))
     return results
@@ -323,6 +349,9 @@ def summary(
     gpu = [f"{med[f'{side} gpu']:.0f}" for side in VARIANTS if f"{side} gpu" in med]
     if gpu:
         row["GPU %"] = " / ".join(gpu)
+    waits = [f"{med[f'{side} waits']:.2f}" for side in VARIANTS if f"{side} waits" in med]
+    if waits:
+        row["host waits/step"] = " / ".join(waits)
     return row
 
 

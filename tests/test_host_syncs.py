@@ -1,17 +1,13 @@
 """train.py's training steps queue work for the device without waiting for it, except where Lightning logs (issue 23).
 
-On a GPU the host runs ahead: it queues a step's kernels while the device still runs the previous step's. Reading a
-device tensor's value on the host (`.item()`, `float(t)`, `if t:`, a boolean mask's size, `.cpu()`) makes the host
-wait until the device has run everything queued, and the device then idles while the next step is queued. There is no
-GPU here, so the calls that would read the device are counted on the CPU: a TorchFunctionMode sees every call on a
-tensor. Not counted: the data loader's work (CPU tensors in its workers) and the optimizer's step counters (CPU
-tensors on every device).
+The calls that would make the host wait for a GPU are counted on the CPU by `benchmarks.host_reads` (a
+TorchFunctionMode sees every call on a tensor); what reads the device on purpose reads it rarely: the finite-loss
+flag, the progress bar, the mid-epoch checkpoint's clock (a collective under DDP).
 """
 
 from __future__ import annotations
 
 import re
-import traceback
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -19,104 +15,29 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.overrides import TorchFunctionMode
 
-from finetune import builders
+from benchmarks import host_reads
+from benchmarks.host_reads import DATA_PATHS
 from finetune.callbacks import ProgressBar
 from finetune.checkpoint import StepCheckpoint
 from finetune.train import train
 from tests.helpers import SMALL_MODEL, compose_train, make_image_folder
 
-READS = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.numpy,
-    torch.Tensor.cpu,
-    torch.Tensor.__bool__,
-    torch.Tensor.__float__,
-    torch.Tensor.__int__,
-    torch.Tensor.__index__,
-    torch.Tensor.nonzero,
-    torch.nonzero,
-    torch.argwhere,
-    torch.masked_select,
-    torch.unique,
-    torch.Tensor.unique,
-}
-NOT_THE_DEVICE = ("torch/utils/data/", "torch/optim/")  # the loader's CPU tensors, the optimizer's step counters
 STEPS_PER_EPOCH, LOG_EVERY = 10, 5
 
 
-class HostReads(TorchFunctionMode):
-    """Where a tensor's value is read on the host, by training step (`StepWindow` says which step runs)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reads: dict[int, list[str]] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        index = args[1] if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) else ()
-        masks = [i for i in (index if isinstance(index, tuple) else (index,)) if isinstance(i, torch.Tensor)]
-        masked = any(mask.dtype == torch.bool for mask in masks)  # its size is the mask's count of True
-        if StepWindow.step is not None and (func in READS or masked):
-            stack = traceback.extract_stack()[:-1]
-            if not any(part in frame.filename for frame in stack for part in NOT_THE_DEVICE):
-                caller = stack[-1]
-                where = f"{getattr(func, '__name__', func)} at {caller.filename}:{caller.lineno}"
-                self.reads.setdefault(StepWindow.step, []).append(where)
-        return func(*args, **(kwargs or {}))
-
-
-class StepWindow(L.Callback):
-    """Which training step runs (from its batch's start to the next batch's, or the epoch's end); None outside. The
-    first callback, so that the others' hooks at a batch's start and an epoch's end fall on the right side."""
-
-    step: int | None = None
-    steps = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        StepWindow.step, StepWindow.steps = StepWindow.steps, StepWindow.steps + 1
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        StepWindow.step = None
-
-
-@pytest.mark.parametrize(
-    "data",
-    [[], ["data.augment_on=device"], ["data.store=true", "data.augment_on=device"]],
-    ids=["defaults", "normalised-on-the-device", "store-cropped-on-the-device"],
-)
-def test_training_steps_wait_for_the_device_only_where_lightning_logs(tmp_path, monkeypatch, data):
+@pytest.mark.parametrize("data", list(DATA_PATHS))
+def test_training_steps_wait_for_the_device_only_where_lightning_logs(tmp_path, data):
     """The defaults (progress bar, finite-loss check, metrics, per-step schedule) and the paths that finish batches
     on the device read no device tensor in a training step, but in those where Lightning writes the step's metrics
     to the loggers (every `trainer.log_every_n_steps`; the finite-loss check reads its flag there too)."""
-    root = make_image_folder(tmp_path / "images", train=2 * STEPS_PER_EPOCH, test=2)
-    cfg = compose_train(
-        tmp_path,
-        [
-            "data=imagefolder",
-            f"data.root={root}",
-            *SMALL_MODEL,
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "data.val_fraction=0",
-            "data.min_steps_per_epoch=0",
-            "trainer.max_epochs=2",
-            f"trainer.log_every_n_steps={LOG_EVERY}",
-            "callbacks.progress_bar.every_s=1e9",  # it reads at the ends of epochs only: the same steps every run
-            *data,
-        ],
-    )
-    config_callbacks = builders.instantiate_callbacks
-    monkeypatch.setattr(builders, "instantiate_callbacks", lambda config: [StepWindow(), *config_callbacks(config)])
-    StepWindow.step, StepWindow.steps = None, 0
-    with HostReads() as mode:
-        train(cfg)
-    assert StepWindow.steps == 2 * STEPS_PER_EPOCH
-    logging_steps = set(range(LOG_EVERY - 1, 2 * STEPS_PER_EPOCH, LOG_EVERY))
-    assert set(mode.reads) == logging_steps, {step: mode.reads[step] for step in set(mode.reads) - logging_steps}
-    ours = [where for reads in mode.reads.values() for where in reads if "/src/finetune/" in where]
+    root = make_image_folder(tmp_path / "images", train=25, test=2)  # 45 training images: 12 batches of 4, 10 run
+    extra = [*DATA_PATHS[data], f"trainer.log_every_n_steps={LOG_EVERY}"]
+    steps, reads = host_reads.count(compose_train(tmp_path, host_reads.overrides(root, STEPS_PER_EPOCH, extra)))
+    assert steps == 2 * STEPS_PER_EPOCH
+    logging_steps = set(range(LOG_EVERY - 1, steps, LOG_EVERY))
+    assert set(reads) == logging_steps, {step: reads[step] for step in set(reads) - logging_steps}
+    ours = [where for step in reads.values() for where in step if " at finetune/" in where]
     assert len(ours) == len(logging_steps), ours  # the finite-loss flag, once each; the rest are Lightning's logging
 
 

@@ -4,6 +4,7 @@ every performance benchmark, so that none of them rots."""
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -186,6 +187,26 @@ def test_each_side_ticks_once_a_step_so_the_clock_waits_for_the_gpu_where_the_wi
     cfg = compose_config(throughput.overrides(image_folder, "tiny", 32, 4, 3, ["data.num_workers=0"]), tmp_path)
     clock = throughput.run_side(side, {"plain": cfg, "fit": cfg}, steps=3, warmup=1)
     assert len(clock.times) == 3 and clock.synchronize_at == {0, 2}
+
+
+def test_the_window_clock_counts_the_host_waits_between_its_ends(monkeypatch):
+    """On a GPU (faked here), CUDA's sync debug mode warns at each wait of the host for the device: counted from the
+    end of the warm-up to the last step, without the clock's own waits at both ends."""
+    from benchmarks.throughput import WindowClock
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda: 50)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda: warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    )
+    clock = WindowClock(warmup=2, steps=5)
+    for step in range(5):
+        for _ in range(step):  # step k waits k times
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        clock.tick()
+    assert clock.waits == 2 + 3 + 4 and modes == ["warn", 0] and len(clock.times) == 5
 
 
 def test_throughput_fit_trains_every_weight_as_the_plain_loop(tmp_path):
