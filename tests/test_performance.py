@@ -218,6 +218,13 @@ def test_throughput_fit_trains_every_weight_as_the_plain_loop(tmp_path):
     assert cfg.strategy.trainable == "all" and not cfg.strategy.unfreeze_at
 
 
+def test_host_time_benchmark_runs(image_folder):
+    from benchmarks import host_time
+
+    rows = host_time.main(["--data", str(image_folder), "--steps", "3", "--warmup", "1", "--rounds", "2"])
+    assert [row[0] for row in rows] == ["off", "100Hz", "10Hz"] and all(row[1] > 0 for row in rows)
+
+
 def test_speed_options_benchmark_runs(image_folder):
     from benchmarks import speed_options
 
