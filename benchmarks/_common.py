@@ -39,6 +39,19 @@ QUIET = [
     "trainer.accelerator=cpu",
 ]
 
+# A fit whose step is mostly the host's own work (Lightning's loop, callbacks, the optimizer's Python, launches):
+# a tiny random-init ResNet at 32 px, batch 4, no workers, on the CPU
+HOST_BOUND = [
+    "data=imagefolder",
+    "data.image_size=32",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "model=timm",
+    "model.name=test_resnet",
+    "strategy.pretrained=false",
+    "trainer.accelerator=cpu",
+]
+
 
 def add_run_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
     """The options of a benchmark that trains one model on one image folder."""
@@ -127,6 +140,12 @@ def images_per_s(times: list[float], warmup: int, batch_size: int) -> float:
     if len(times) <= warmup:
         raise ValueError(f"{len(times)} steps timed, need more than the {warmup} warm-up steps")
     return (len(times) - warmup) * batch_size / (times[-1] - times[warmup - 1])
+
+
+def in_turn(names: list[str] | tuple[str, ...], round_: int) -> list[str] | tuple[str, ...]:
+    """The names in the order of round `round_`: each starts a round in turn, so that none always runs first."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
 
 
 def median(values: list[float]) -> float:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from torch.overrides import TorchFunctionMode
 
-from benchmarks._common import DATASETS, benchmark_parser, table
+from benchmarks._common import DATASETS, HOST_BOUND, benchmark_parser, table
 from finetune.builders import build, build_fit_trainer
 from finetune.config import compose_config
 
@@ -113,16 +113,9 @@ def count(cfg: DictConfig) -> tuple[int, dict[int, list[str]]]:
 
 def overrides(data: Path, steps: int, extra: list[str]) -> list[str]:
     return [
-        "data=imagefolder",
+        *HOST_BOUND,
         f"data.root={data}",
-        "data.image_size=32",
-        "data.batch_size=4",
-        "data.num_workers=0",
         "data.min_steps_per_epoch=0",
-        "model=timm",
-        "model.name=test_resnet",
-        "strategy.pretrained=false",
-        "trainer.accelerator=cpu",
         "trainer.max_epochs=2",
         f"++trainer.limit_train_batches={steps}",
         "++trainer.limit_val_batches=1",

@@ -52,6 +52,7 @@ from benchmarks._common import (
     benchmark_parser,
     fit,
     images_per_s,
+    in_turn,
     machine,
     mean,
     median,
@@ -214,8 +215,7 @@ def measure(
     batch_size = cfgs["plain"].data.batch_size
     rates: dict[str, list[float]] = {}
     for round_ in range(rounds):
-        shift = round_ % len(variants)
-        for side in variants[shift:] + variants[:shift]:
+        for side in in_turn(variants, round_):
             clock = run_side(side, cfgs, steps, warmup)
             rates.setdefault(side, []).append(images_per_s(clock.times, warmup, batch_size))
             rates.setdefault(f"{side} cpu", []).append(images_per_s(clock.cpu, warmup, batch_size))
