@@ -37,6 +37,22 @@ def one_thread(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def decoded_images(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files the start-up check of every image (`finetune.data.images.find_bad_images`) decodes, in order."""
+    from finetune.data import images
+
+    decoded: list[Path] = []
+    check = images.find_bad_images
+
+    def counted(paths: list[Path]) -> dict[Path, str]:
+        decoded.extend(paths)
+        return check(paths)
+
+    monkeypatch.setattr(images, "find_bad_images", counted)
+    return decoded
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images"))

@@ -4,6 +4,7 @@ files stop setup with their names, or are skipped."""
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from finetune.builders import build_datamodule
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.images import ImageFolder, ImageReadError, find_bad_images, read_rgb
 from finetune.data.transforms import eval_transform
@@ -194,6 +196,60 @@ def test_a_run_trains_through_every_case_with_skip_bad_images(tmp_path):
     assert 0.0 <= metrics["test/acc"] <= 1.0
     with pytest.raises(ImageReadError, match="truncated.jpg"):  # the same data without the flag
         train(compose_train(tmp_path, overrides))
+
+
+def test_the_check_finds_the_same_in_several_processes_as_in_one(tmp_path):
+    root = bad_data_folder(tmp_path)
+    paths = sorted(path for path in root.rglob("*") if path.is_file())  # 3 processes: chunks of 2 or 3 files
+    bad = find_bad_images(paths, processes=3)
+    assert bad == find_bad_images(paths, processes=1)
+    assert {path.name for path in bad} == set(UNREADABLE) | set(IGNORED)  # IGNORED files are junk too
+    for path, problem in bad.items():
+        if path.name in UNREADABLE:
+            assert UNREADABLE[path.name][1] in problem, (path, problem)
+
+
+def test_the_check_decodes_a_set_of_files_once_and_again_after_any_change(tmp_path, decoded_images):
+    root, records = bad_data_folder(tmp_path / "data"), tmp_path / "checked"
+    first = ImageFolder(root / "train", skip_bad_images=True, checked_dir=records)
+    files = len(decoded_images)
+    assert files == len(first.samples) + len(UNREADABLE)
+    decoded_images.clear()
+    again = ImageFolder(root / "train", skip_bad_images=True, checked_dir=records)
+    assert decoded_images == [] and again.samples == first.samples and again.skipped == first.skipped
+    with pytest.raises(ImageReadError, match=f"{len(UNREADABLE)} images in"):  # the record's problems stop it too
+        ImageFolder(root / "train", checked_dir=records)
+    assert decoded_images == []
+    good = first.samples[0][0]
+    good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # cut short after the check
+    with pytest.raises(ImageReadError, match=f"{len(UNREADABLE) + 1} images in(.|\n)*{re.escape(good.name)}"):
+        ImageFolder(root / "train", checked_dir=records)
+    assert len(decoded_images) == files  # a changed file: the whole set again (its key is of every file)
+    decoded_images.clear()
+    good.unlink()
+    removed = ImageFolder(root / "train", skip_bad_images=True, checked_dir=records)
+    assert len(decoded_images) == files - 1 and len(removed.samples) == len(first.samples) - 1
+
+
+def test_a_checked_dir_that_cannot_be_written_costs_the_decoding_only(tmp_path, decoded_images, caplog):
+    root = make_image_folder(tmp_path / "data", train=2, test=1)
+    (tmp_path / "file").write_text("")
+    with caplog.at_level(logging.WARNING, logger="finetune.data.images"):
+        for _ in range(2):
+            assert len(ImageFolder(root / "train", checked_dir=tmp_path / "file" / "checked")) == 4
+    assert len(decoded_images) == 2 * 4
+    assert "set data.checked_dir to a writable folder" in caplog.text
+
+
+def test_runs_with_the_default_config_decode_each_image_once(tmp_path, decoded_images):
+    root = make_image_folder(tmp_path / "images")
+    cfg = compose_train(tmp_path, ["data=imagefolder", f"data.root={root}", *TINY, *SMALL_MODEL])
+    assert Path(cfg.data.checked_dir) == tmp_path / "data" / "checked"
+    build_datamodule(cfg).setup("fit")
+    assert sorted(decoded_images) == sorted(root.rglob("*.png"))  # train and test
+    decoded_images.clear()
+    build_datamodule(cfg).setup("fit")  # the next run over the same files
+    assert decoded_images == []
 
 
 def test_a_class_whose_images_are_all_bad_is_named(tmp_path):

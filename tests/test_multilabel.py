@@ -106,22 +106,29 @@ def test_missing_csv_column_and_image_are_named(tmp_path, shapes):
         datamodule(root)
 
 
-def test_bad_and_missing_images_are_skipped_with_skip_bad_images(tmp_path, shapes, caplog):
-    root = tmp_path / "data"
+def test_bad_and_missing_images_are_skipped_with_skip_bad_images(tmp_path, shapes, caplog, decoded_images):
+    """Each run as the check's record (`data.checked_dir`) sees the files: a listed file that appears or goes is a
+    new set of files, checked again; the same set is decoded once."""
+    root, records = tmp_path / "data", tmp_path / "checked"
     root.mkdir()
     (root / "broken.png").write_bytes(b"not a png")
     rows = [f"{shapes}/images/train_{i:04d}.png,a|b" for i in range(4)]
     write_csv(root, "train", *rows, "broken.png,a", "gone.png,b")
     write_csv(root, "test", f"{shapes}/images/test_0000.png,a")
     with pytest.raises(MissingFileError, match="gone.png"):
-        datamodule(root)
+        datamodule(root, checked_dir=records)
     (root / "gone.png").write_bytes(b"")
     with pytest.raises(ImageReadError, match=r"2 images in .* cannot be read(.|\n)*broken.png(.|\n)*gone.png"):
-        datamodule(root)
+        datamodule(root, checked_dir=records)
     (root / "gone.png").unlink()
-    data = datamodule(root, skip_bad_images=True, val_fraction=0)
+    data = datamodule(root, skip_bad_images=True, val_fraction=0, checked_dir=records)
     assert len(data.datasets["train"]) == 4
     assert "broken.png" in caplog.text and "gone.png" in caplog.text
+    decoded_images.clear()
+    caplog.clear()
+    again = datamodule(root, skip_bad_images=True, val_fraction=0, checked_dir=records)
+    assert decoded_images == [] and again.datasets["train"].indices == data.datasets["train"].indices
+    assert "broken.png" in caplog.text and "gone.png" in caplog.text  # the record's problems are listed again
 
 
 def test_few_shot_gives_every_class_at_least_k_images_in_nested_subsets(shapes):

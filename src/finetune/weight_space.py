@@ -33,7 +33,7 @@ NETWORK = ("backbone.", "head.")
 # Data settings that change how training batches are drawn, not which images are in which split
 TRAINING_DATA_KEYS = {
     "batch_size", "num_workers", "pin_memory", "persistent_workers", "drop_last", "min_steps_per_epoch", "augment",
-    "random_erasing", "mixup", "cutmix", "sampler", "augment_on", "store_dir",
+    "random_erasing", "mixup", "cutmix", "sampler", "augment_on", "store_dir", "checked_dir",
 }  # fmt: skip
 SPEED_MODEL_KEYS = {"sync_batchnorm", "channels_last", "compile"}  # model settings of speed, not of the weights
 

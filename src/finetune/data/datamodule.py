@@ -142,7 +142,8 @@ class ImageFolderDataModule(L.LightningDataModule):
     `min_steps_per_epoch`: an epoch of fewer optimizer steps (each `trainer.accumulate_grad_batches` batches)
     passes over the data again (a step budget that does not shrink with the data). `input_config` is what the
     backbone's weights expect; `image_size`, `mean` and `std` override it when set. Unreadable images stop
-    `setup` with their names, or with `skip_bad_images` are left out and logged.
+    `setup` with their names, or with `skip_bad_images` are left out and logged; `checked_dir` keeps what that
+    check found, so that later runs over the same files decode none of them (None: every run decodes them).
     Training data: `augment` (a preset of `finetune.data.transforms`), `random_erasing` (a probability),
     `mixup`/`cutmix` (Beta alphas, batch-level), `sampler` (`shuffle` or `balanced`).
     `store`: the images decoded once into `store_dir` (`finetune.data.store`, `store_size` px). `augment_on`: where
@@ -164,6 +165,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         drop_last: bool = False,
         skip_bad_images: bool = False,
+        checked_dir: str | os.PathLike | None = None,
         augment: str | bool = "d2l",
         random_erasing: float = 0.0,
         mixup: float = 0.0,
@@ -191,6 +193,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.drop_last = drop_last
         self.skip_bad_images = skip_bad_images
+        self.checked_dir = Path(checked_dir).expanduser() if checked_dir is not None else None
         self.augment = augmentation_name(augment)
         self.random_erasing, self.mixup, self.cutmix = random_erasing, mixup, cutmix
         self.sampler = sampler
@@ -215,7 +218,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         folder = root / split
         if split == "test" and not folder.is_dir() and (root / "val").is_dir():
             folder = root / "val"
-        return ImageFolder(folder, classes=self.classes, skip_bad_images=self.skip_bad_images)
+        return ImageFolder(folder, self.classes, self.skip_bad_images, self.checked_dir)
 
     def _require_root(self) -> Path:
         if self.root is None or not self.root.is_dir():

@@ -54,7 +54,9 @@ class LabelledImages(ImageFolder):
     each image's class indices (`finetune.data.datamodule.read_labels`). A listed file that is not there stops
     here with its name, or with `skip_bad_images` is left out with the unreadable ones."""
 
-    def __init__(self, csv_path: Path, classes: list[str], skip_bad_images: bool = False):
+    def __init__(
+        self, csv_path: Path, classes: list[str], skip_bad_images: bool = False, checked_dir: Path | None = None
+    ):
         rows = read_label_csv(csv_path)
         self.root, self.classes = csv_path.parent, list(classes)
         unknown = sorted({label for _, labels in rows for label in labels} - set(classes))
@@ -64,7 +66,8 @@ class LabelledImages(ImageFolder):
         if missing and not skip_bad_images:
             header = f"{len(missing)} images listed in {csv_path} are not there (data.skip_bad_images=true skips them):"
             raise MissingFileError(_listing(header, missing, limit=20))
-        self.skipped = unreadable([path for path, _ in rows], self.root, skip_bad_images)  # missing ones too
+        listed = [path for path, _ in rows]
+        self.skipped = unreadable(listed, self.root, skip_bad_images, checked_dir)  # missing ones too
         index = {name: position for position, name in enumerate(classes)}
         kept = [(path, tuple(index[label] for label in labels)) for path, labels in rows if path not in self.skipped]
         if not kept:
@@ -113,4 +116,4 @@ class MultiLabelDataModule(ImageFolderDataModule):
         return self._classes
 
     def read_split(self, split: str) -> LabelledImages:
-        return LabelledImages(self._csv(split), self.classes, skip_bad_images=self.skip_bad_images)
+        return LabelledImages(self._csv(split), self.classes, self.skip_bad_images, self.checked_dir)

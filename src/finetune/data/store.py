@@ -17,7 +17,6 @@ output pixel, which antialiases as resize does), flips and normalises.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.data.images import ImageFolder, read_rgb
+from finetune.data.images import ImageFolder, files_key, read_rgb
 from finetune.data.transforms import NormalizeBatch
 from finetune.errors import ConfigError
 from finetune.models.backbones import InputConfig
@@ -48,12 +47,7 @@ FORMAT = "finetune-store-v2"  # part of every key: a changed layout never reads 
 def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> str:
     """Every file's path, byte size and mtime in order, and what the stored pixels depend on: the requested side
     (None: the default rule, capped at the eval resize) and the interpolation."""
-    side = size or f"at most {config.resize}"
-    digest = hashlib.sha256(f"{FORMAT}|{side}|{config.interpolation}".encode())
-    for path in paths:
-        stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:32]
+    return files_key(paths, FORMAT, size or f"at most {config.resize}", config.interpolation)
 
 
 def default_side(paths: Sequence[Path], resize: int) -> int:
