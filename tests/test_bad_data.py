@@ -16,7 +16,7 @@ from PIL import Image
 
 from finetune.builders import build_datamodule
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.data.images import ImageFolder, ImageReadError, find_bad_images, read_rgb
+from finetune.data.images import ImageFolder, ImageReadError, _problem, find_bad_images, forked_map, read_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, DataError, MissingFileError
 from finetune.models import InputConfig
@@ -198,15 +198,15 @@ def test_a_run_trains_through_every_case_with_skip_bad_images(tmp_path):
         train(compose_train(tmp_path, overrides))
 
 
-def test_the_check_finds_the_same_in_several_processes_as_in_one(tmp_path):
+def test_forked_processes_give_what_one_gives_in_order(tmp_path):
+    assert list(forked_map(str, range(100), processes=3, chunksize=7)) == [str(i) for i in range(100)]
     root = bad_data_folder(tmp_path)
-    paths = sorted(path for path in root.rglob("*") if path.is_file())  # 3 processes: chunks of 2 or 3 files
-    bad = find_bad_images(paths, processes=3)
-    assert bad == find_bad_images(paths, processes=1)
-    assert {path.name for path in bad} == set(UNREADABLE) | set(IGNORED)  # IGNORED files are junk too
-    for path, problem in bad.items():
-        if path.name in UNREADABLE:
-            assert UNREADABLE[path.name][1] in problem, (path, problem)
+    paths = sorted(path for path in root.rglob("*") if path.is_file())
+    problems = list(forked_map(_problem, paths, processes=3))  # the reasons cross from the processes
+    assert problems == [_problem(path) for path in paths]
+    bad = {path.name: problem for path, problem in zip(paths, problems, strict=True) if problem}
+    assert set(bad) == set(UNREADABLE) | set(IGNORED)  # IGNORED files are junk too
+    assert all(reason in bad[name] for name, (_, reason) in UNREADABLE.items())
 
 
 def test_the_check_decodes_a_set_of_files_once_and_again_after_any_change(tmp_path, decoded_images):

@@ -336,6 +336,13 @@ def test_image_scan_benchmark_runs_and_the_scan_catches_every_bad_file(image_fol
     assert [scan for _, scan, _ in caught] == ["yes"] * len(caught)
 
 
+def test_store_build_benchmark_runs(image_folder):
+    from benchmarks import store_build
+
+    (row,) = store_build.main(["--folders", str(image_folder / "train"), "--rounds", "1"])
+    assert row[1:3] == [24, 40] and row[3] > 0  # 24 images, stored at their own 40 px (not upsampled to 256)
+
+
 def test_augment_benchmark_runs(image_folder):
     from benchmarks import augment
 

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from finetune.caching import split_key
+from finetune.data import store
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.data.images import ImageReadError
+from finetune.data.images import ImageFolder, ImageReadError
 from finetune.data.store import CropSample, DeviceAugment, StoredImages
 from finetune.data.transforms import NormalizeBatch
 from finetune.errors import ConfigError
@@ -86,6 +88,23 @@ def test_images_are_decoded_once_and_a_changed_file_gives_a_new_store(images, tm
         datamodule(images, tmp_path)
     assert caplog.text.count("Decoding") == 1  # the test split's store is new, train's is read
     assert len(list(tmp_path.glob("*.npy"))) == 3
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_a_store_decoded_in_parts_by_several_processes_holds_every_image_in_order(
+    images, tmp_path, monkeypatch, processes
+):
+    monkeypatch.setattr(store, "per_core", lambda count: (processes, 5))  # parts of 5 images (the last of 1)
+    folder = ImageFolder(images / "train")
+    stored = StoredImages.of(folder, None, CONFIG, tmp_path)
+    assert len(stored) == len(folder) == 26
+    for index, (path, label) in enumerate(folder.samples):
+        pixels, stored_label = stored[index]
+        assert stored_label == label
+        torch.testing.assert_close(
+            pixels, torch.from_numpy(store._resized(path, 37, InterpolationMode.BILINEAR)), rtol=0, atol=0
+        )
+    assert sorted(file.suffix for file in tmp_path.iterdir()) == [".npy", ".u8"]  # no part left behind
 
 
 def test_a_store_dir_that_cannot_be_written_is_named(images, tmp_path):

@@ -9,17 +9,20 @@ import multiprocessing
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import PIL
+import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from finetune.errors import DataError, MissingFileError
 
 log = logging.getLogger(__name__)
+T, R = TypeVar("T"), TypeVar("R")
 
 CHECK_FORMAT = "finetune-check-v1"  # part of every check record's key
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
@@ -81,20 +84,35 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def find_bad_images(paths: list[Path], processes: int | None = None) -> dict[Path, str]:
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # a forked process's torch ops: serial, no OpenMP pool of the parent's
+
+
+def forked_map(function: Callable[[T], R], items: Sequence[T], processes: int, chunksize: int = 1) -> Iterator[R]:
+    """`function` of each item, in order, in `processes` forked processes (each item, or each `chunksize` of them,
+    sent to whichever is free), or here where that is under 2 or forking is unsafe (not Linux: macOS) or not
+    allowed (in a daemon process). Not threads: decoding a small image holds the interpreter's lock most of the
+    time, and threads wait for one another (CIFAR-10's 50,000 images: 5x slower than 2 processes; BENCHMARKS.md)."""
+    if processes < 2 or sys.platform != "linux" or multiprocessing.current_process().daemon:
+        yield from map(function, items)
+        return
+    with multiprocessing.get_context("fork").Pool(processes, initializer=_one_thread) as pool:
+        yield from pool.imap(function, items, chunksize)
+
+
+def per_core(count: int) -> tuple[int, int]:
+    """Processes and chunk size for `count` small jobs: one process per core, at most one per 32 jobs; about 4
+    chunks per process, at most 256 jobs each."""
+    processes = min(len(os.sched_getaffinity(0)), count // 32)
+    return processes, max(1, min(256, count // (4 * max(processes, 1))))
+
+
+def find_bad_images(paths: list[Path]) -> dict[Path, str]:
     """`{file: reason}` for every file that `read_rgb` would fail on (empty, truncated, not an image, too large).
 
-    Each file is decoded (JPEGs at 1/8 size) in `processes` forked processes (None: one per core, at most one per
-    32 files), in chunks: in threads, small images hold the interpreter's lock most of the time (CIFAR-10's 50,000
-    on 2 cores: 11 s in a thread pool, 3 s in one thread, 1.9 s in 2 processes; BENCHMARKS.md).
+    Each file is decoded (JPEGs at 1/8 size) in a process per core (`forked_map`).
     """
-    if processes is None:
-        processes = min(len(os.sched_getaffinity(0)), len(paths) // 32)
-    if processes < 2 or sys.platform != "linux" or multiprocessing.current_process().daemon:
-        problems = list(map(_problem, paths))  # where forking is unsafe (macOS) or not allowed (a daemon)
-    else:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
-            problems = pool.map(_problem, paths, chunksize=max(1, min(256, len(paths) // (4 * processes))))
+    problems = forked_map(_problem, paths, *per_core(len(paths)))
     return {path: problem for path, problem in zip(paths, problems, strict=True) if problem}
 
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,7 +33,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.data.images import ImageFolder, files_key, read_rgb
+from finetune.data.images import ImageFolder, files_key, forked_map, per_core, read_rgb
 from finetune.data.transforms import NormalizeBatch
 from finetune.errors import ConfigError
 from finetune.models.backbones import InputConfig
@@ -50,16 +49,15 @@ def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> s
     return files_key(paths, FORMAT, size or f"at most {config.resize}", config.interpolation)
 
 
+def _short_side(path: Path) -> int:
+    with Image.open(path) as image:  # reads the header only
+        return min(image.size)
+
+
 def default_side(paths: Sequence[Path], resize: int) -> int:
     """The eval transform's resize, capped at the largest short side of the images (from their headers alone):
     upsampling before storing adds no information, only bytes (CIFAR-10 is stored at 32, not 256 px)."""
-
-    def short_side(path: Path) -> int:
-        with Image.open(path) as image:  # reads the header only
-            return min(image.size)
-
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        return min(resize, max(pool.map(short_side, paths)))
+    return min(resize, max(forked_map(_short_side, paths, *per_core(len(paths)))))
 
 
 def _resized(path: Path, side: int, interpolation: InterpolationMode) -> np.ndarray:
@@ -68,10 +66,31 @@ def _resized(path: Path, side: int, interpolation: InterpolationMode) -> np.ndar
     return TF.resize(image, [side], interpolation=interpolation, antialias=True).numpy()
 
 
+class _Part(NamedTuple):
+    """Some consecutive images of a store, decoded by one process into a file of their own."""
+
+    paths: Sequence[Path]
+    side: int
+    interpolation: InterpolationMode
+    file: Path
+
+
+def _decode_part(part: _Part) -> list[tuple[int, int]]:
+    """Writes the part's images' pixels into `part.file`, one after the other; their heights and widths."""
+    shapes = []
+    with open(part.file, "wb") as out:
+        for path in part.paths:
+            image = _resized(path, part.side, part.interpolation)
+            out.write(image.tobytes())
+            shapes.append(image.shape[1:])
+    return shapes
+
+
 def build_store(paths: Sequence[Path], side: int, config: InputConfig, index_file: Path) -> None:
     """Decodes every image into `<key>.u8` (the pixels, image after image) and `index_file` (`<key>.npy`: each
     image's start, height and width), each written under a temporary name and renamed when whole, the index last,
-    so that a reader (another DDP rank, a parallel run) never sees half a store."""
+    so that a reader (another DDP rank, a parallel run) never sees half a store. The images are decoded in a
+    process per core (`forked_map`), each part into a file of its own, appended in order."""
     pixels_file = index_file.with_suffix(".u8")
     try:
         index_file.parent.mkdir(parents=True, exist_ok=True)
@@ -93,22 +112,30 @@ def build_store(paths: Sequence[Path], side: int, config: InputConfig, index_fil
     mode = InterpolationMode(config.interpolation)
     index = np.zeros((len(paths), 3), dtype=np.int64)  # start, height, width
     suffix = f".{os.getpid()}.part"
+    processes, size = per_core(len(paths))
+    parts = [
+        _Part(paths[first : first + size], side, mode, pixels_file.with_suffix(f".u8.{first}{suffix}"))
+        for first in range(0, len(paths), size)
+    ]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread per image: a resize of its own in each of N threads would run N x N
+    torch.set_num_threads(1)  # where the parts are decoded here: one image at a time, as in each process
     try:
-        with (
-            ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool,  # PIL's decoder and torch release the GIL
-            open(pixels_file.with_suffix(f".u8{suffix}"), "wb") as out,
-        ):
-            tenth, offset = max(1, len(paths) // 10), 0
-            for number, image in enumerate(pool.map(lambda path: _resized(path, side, mode), paths)):
-                index[number] = offset, *image.shape[1:]
-                out.write(image.tobytes())
-                offset += image.size
-                if (number + 1) % tenth == 0:
-                    log.info("  %d of %d images in %.1f s", number + 1, len(paths), time.perf_counter() - start)
+        with open(pixels_file.with_suffix(f".u8{suffix}"), "wb") as out:
+            tenth, number, offset = max(1, len(paths) // 10), 0, 0
+            for part, shapes in zip(parts, forked_map(_decode_part, parts, processes), strict=True):
+                with open(part.file, "rb") as pixels:
+                    shutil.copyfileobj(pixels, out)
+                part.file.unlink()
+                for height, width in shapes:
+                    index[number] = offset, height, width
+                    offset += 3 * height * width
+                    number += 1
+                    if number % tenth == 0:
+                        log.info("  %d of %d images in %.1f s", number, len(paths), time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
+        for part in parts:  # a failed build leaves no parts behind
+            part.file.unlink(missing_ok=True)
     pixels_file.with_suffix(f".u8{suffix}").replace(pixels_file)
     with open(index_file.with_suffix(f".npy{suffix}"), "wb") as out:  # a handle: np.save would add .npy
         np.save(out, index, allow_pickle=False)
