@@ -4,9 +4,12 @@ files stop setup with their names, or are skipped."""
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
 import struct
 import zlib
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +210,26 @@ def test_forked_processes_give_what_one_gives_in_order(tmp_path):
     bad = {path.name: problem for path, problem in zip(paths, problems, strict=True) if problem}
     assert set(bad) == set(UNREADABLE) | set(IGNORED)  # IGNORED files are junk too
     assert all(reason in bad[name] for name, (_, reason) in UNREADABLE.items())
+
+
+def killed_at_three(item: int) -> int:
+    if item == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel kills a process that runs out of memory
+    return item
+
+
+def test_a_process_that_dies_is_an_error_not_a_wait_for_ever():
+    def waited_too_long(*_: object) -> None:
+        raise TimeoutError("forked_map still waits for a process that died")
+
+    previous = signal.signal(signal.SIGALRM, waited_too_long)
+    signal.alarm(60)  # a multiprocessing.Pool would wait for ever: the suite must not
+    try:
+        with pytest.raises(BrokenProcessPool):
+            list(forked_map(killed_at_three, range(8), processes=2))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_the_check_decodes_a_set_of_files_once_and_again_after_any_change(tmp_path, decoded_images):

@@ -106,6 +106,17 @@ def test_a_store_decoded_in_parts_by_several_processes_holds_every_image_in_orde
         )
     assert sorted(file.suffix for file in tmp_path.iterdir()) == [".npy", ".u8"]  # no part left behind
 
+    def fails_at_the_seventh(path: Path, *args: object) -> np.ndarray:
+        if path == folder.samples[6][0]:
+            raise OSError(f"{path}: the disk is full")
+        return resized(path, *args)
+
+    resized = store._resized
+    monkeypatch.setattr(store, "_resized", fails_at_the_seventh)
+    with pytest.raises(OSError, match="the disk is full"):
+        StoredImages.of(folder, None, CONFIG, tmp_path / "failed")
+    assert list((tmp_path / "failed").iterdir()) == []  # neither the store's partial file nor any part
+
 
 def test_a_store_dir_that_cannot_be_written_is_named(images, tmp_path):
     (tmp_path / "file").write_text("a file, not a folder\n")

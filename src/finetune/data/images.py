@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -92,12 +93,17 @@ def forked_map(function: Callable[[T], R], items: Sequence[T], processes: int, c
     """`function` of each item, in order, in `processes` forked processes (each item, or each `chunksize` of them,
     sent to whichever is free), or here where that is under 2 or forking is unsafe (not Linux: macOS) or not
     allowed (in a daemon process). Not threads: decoding a small image holds the interpreter's lock most of the
-    time, and threads wait for one another (CIFAR-10's 50,000 images: 5x slower than 2 processes; BENCHMARKS.md)."""
+    time, and threads wait for one another (CIFAR-10's 50,000 images: 5x slower than 2 processes; BENCHMARKS.md).
+    A process that dies (killed for memory) is an error here (BrokenProcessPool), not a wait for ever."""
     if processes < 2 or sys.platform != "linux" or multiprocessing.current_process().daemon:
         yield from map(function, items)
         return
-    with multiprocessing.get_context("fork").Pool(processes, initializer=_one_thread) as pool:
-        yield from pool.imap(function, items, chunksize)
+    fork = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(processes, mp_context=fork, initializer=_one_thread)
+    try:
+        yield from pool.map(function, items, chunksize=chunksize)
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, the items not started yet are not decoded
 
 
 def per_core(count: int) -> tuple[int, int]:

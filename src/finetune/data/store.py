@@ -132,11 +132,11 @@ def build_store(paths: Sequence[Path], side: int, config: InputConfig, index_fil
                     number += 1
                     if number % tenth == 0:
                         log.info("  %d of %d images in %.1f s", number, len(paths), time.perf_counter() - start)
+        pixels_file.with_suffix(f".u8{suffix}").replace(pixels_file)
     finally:
         torch.set_num_threads(threads)
-        for part in parts:  # a failed build leaves no parts behind
-            part.file.unlink(missing_ok=True)
-    pixels_file.with_suffix(f".u8{suffix}").replace(pixels_file)
+        for file in (pixels_file.with_suffix(f".u8{suffix}"), *(part.file for part in parts)):
+            file.unlink(missing_ok=True)  # a failed build leaves nothing behind (a whole one is renamed)
     with open(index_file.with_suffix(f".npy{suffix}"), "wb") as out:  # a handle: np.save would add .npy
         np.save(out, index, allow_pickle=False)
     index_file.with_suffix(f".npy{suffix}").replace(index_file)
