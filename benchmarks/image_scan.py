@@ -5,7 +5,7 @@
     python -m benchmarks.image_scan --root /tmp --datasets cifar10   # after tar -xzf cifar10-jpg.tar.gz -C /tmp/cifar10
 
 `ImageFolder` decodes every file once before training (`finetune.data.images.find_bad_images`: a process
-per core, JPEGs at 1/8 size). Timed against: a header check (`Image.open` + `verify`, same pool), and one
+per core, JPEGs at 1/8 size). Timed against: a header check (`Image.open` + `verify`, in a thread pool), and one
 full sequential pass of `read_rgb` over the same files, the decoding that every epoch does at least, and what
 a later run over the same files pays (`recorded`: `checked_once` reading the first run's record, `data.checked_dir`).
 The four alternate for `--rounds` rounds (medians), so load from other jobs falls on all of them.
