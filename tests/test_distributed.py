@@ -21,7 +21,7 @@ from torch import nn
 from finetune.builders import build
 from finetune.errors import ConfigError
 from finetune.train import train
-from tests.helpers import TINY, compose_train, event_dir, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, event_dir, run_cli
 
 # convnext_atto normalises with LayerNorm (per sample, unlike BatchNorm), so 2 ranks x batch 4 must
 # compute what 1 process x batch 8 does, through the unfreeze at epoch 1 included.
@@ -194,6 +194,17 @@ def test_slurm_launcher_renders_a_multi_node_ddp_job(tmp_path, monkeypatch):
     assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "4" and flags["gpus-per-node"] == "4"
     assert flags["partition"] == "gpu" and flags["time"] == "600" and flags["array"] == "0-1%2"
     assert flags["signal"] == "USR2@120"
+
+
+def test_ddp_with_the_defaults_a_user_gets(tmp_path, image_folder):
+    """The recommended recipe (20 steps an epoch, the head alone first), the progress bar, the loggers and the image
+    check on 2 gloo ranks: the bar draws on rank 0 alone, yet its first read of an epoch's values reduces them
+    across the ranks, so every rank must make it at the same point (rank 1 was in FiniteLoss's check instead)."""
+    args = ["train.py", "data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, "trainer=ddp_cpu"]
+    result = run_cli([*args, "data.image_size=32", "trainer.max_epochs=2", "data.num_workers=0"], tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert {"train/loss_epoch", "val/acc", "test/acc"} <= scalars(run).keys()
 
 
 @pytest.mark.slow

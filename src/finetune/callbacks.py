@@ -108,6 +108,9 @@ class ProgressBar(RichProgressBar):
         return {**super().get_metrics(trainer, pl_module), **self._training}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The first read of the epoch's values reduces those logged with sync_dist across the ranks: every rank
+        # makes it here, together, not only rank 0 (the bar's) while the others are in another collective.
+        trainer.callback_metrics  # noqa: B018
         self._read_at = -math.inf  # the epoch's own values, however soon after the last read
         super().on_train_epoch_end(trainer, pl_module)
 
