@@ -2,21 +2,25 @@
 
     python -m benchmarks.store_build --folders ../shared/datasets/seefood512/train
     python -m benchmarks.store_build --folders /tmp/cifar10/train --rounds 3     # after tar -xzf cifar10-jpg.tar.gz
+    python -m benchmarks.store_build --folders /tmp/cifar10/train --runs 2       # 2 first runs at once
 
 Each folder's images (an `ImageFolder`'s files, checked before the clock starts) are decoded into a new store in a
 temporary folder, `--rounds` times (median): the header pass that picks the side (`default_side`; `--side` skips
 it) and `build_store`, as `StoredImages.of` runs them, for ImageNet's usual eval transform (a 256 px resize, bilinear).
+With `--runs N`, N processes ask `StoredImages.of` for the same new store at once, as DDP ranks or a parallel sweep's
+jobs do on their first run: the time until each has it.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks._common import benchmark_parser, machine, median, table
 from finetune.data.images import ImageFolder
-from finetune.data.store import build_store, default_side
+from finetune.data.store import StoredImages, build_store, default_side
 from finetune.models import InputConfig
 
 CONFIG = InputConfig()  # 224 px crops of a 256 px resize, bilinear
@@ -31,17 +35,40 @@ def build_seconds(paths: list[Path], side: int | None) -> tuple[float, int]:
         return time.perf_counter() - start, side
 
 
+def concurrent_seconds(folder: ImageFolder, runs: int, side: int | None) -> tuple[float, int]:
+    """Seconds until `runs` processes that ask for the folder's new store at once all have it; its side."""
+    with tempfile.TemporaryDirectory() as store_dir:
+        start = time.perf_counter()
+        fork = multiprocessing.get_context("fork")
+        processes = [
+            fork.Process(target=StoredImages.of, args=(folder, side, CONFIG, Path(store_dir))) for _ in range(runs)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        if any(process.exitcode for process in processes):
+            raise RuntimeError(f"a run failed: exit codes {[process.exitcode for process in processes]}")
+        seconds = time.perf_counter() - start
+        return seconds, StoredImages.of(folder, side, CONFIG, Path(store_dir)).side
+
+
 def main(argv: list[str] | None = None) -> list[list[object]]:
     parser = benchmark_parser(__doc__, overrides=None)
     parser.add_argument("--folders", nargs="+", type=Path, required=True, help="image folders (<class>/<image>)")
     parser.add_argument("--side", type=int, help="the stored short side (default: as data.store_size=null picks it)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=1, help="processes asking for the same new store at once")
     args = parser.parse_args(argv)
     print(f"Machine: {machine()}\n")
     rows = []
     for folder in args.folders:
-        paths = [path for path, _ in ImageFolder(folder).samples]
-        runs = [build_seconds(paths, args.side) for _ in range(args.rounds)]
+        images = ImageFolder(folder)
+        paths = [path for path, _ in images.samples]
+        if args.runs > 1:
+            runs = [concurrent_seconds(images, args.runs, args.side) for _ in range(args.rounds)]
+        else:
+            runs = [build_seconds(paths, args.side) for _ in range(args.rounds)]
         seconds = median([s for s, _ in runs])
         rows.append([str(folder), len(paths), runs[0][1], seconds, len(paths) / seconds])
     print(table(["folder", "images", "side px", "build s", "images/s"], rows))

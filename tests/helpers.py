@@ -11,9 +11,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import DictConfig
 from PIL import Image
@@ -177,3 +180,27 @@ def tiny_meta(image_size: int = 32, temperature: float = 1.0) -> dict:
     """The metadata of `tiny_classifier`: classes, what it expects of an image, and its temperature."""
     input_config = InputConfig(image_size, IMAGENET_MEAN, IMAGENET_STD)
     return {"classes": ["red", "green", "blue"], **input_config.to_dict(), "temperature": temperature}
+
+
+def meet_in(monkeypatch: pytest.MonkeyPatch, module: object, name: str, calls: Path) -> None:
+    """Makes `module.name` note each call as a line of `calls` and wait half a second before it works, so that
+    processes started together are all asking for its result meanwhile."""
+    function = getattr(module, name)
+
+    def slowed(*args: object, **kwargs: object) -> object:
+        with open(calls, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        time.sleep(0.5)
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, slowed)
+
+
+def at_once(function: Callable[..., object], *args: object, runs: int = 3) -> None:
+    """`function(*args)` in `runs` processes forked together (DDP ranks, a parallel sweep's jobs); each must end well."""
+    processes = [multiprocessing.get_context("fork").Process(target=function, args=args) for _ in range(runs)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+    assert [process.exitcode for process in processes] == [0] * runs

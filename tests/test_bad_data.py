@@ -4,6 +4,7 @@ files stop setup with their names, or are skipped."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -18,13 +19,23 @@ import torch
 from PIL import Image
 
 from finetune.builders import build_datamodule
-from finetune.data.datamodule import ImageFolderDataModule
-from finetune.data.images import ImageFolder, ImageReadError, _problem, find_bad_images, forked_map, read_rgb
+from finetune.data import images
+from finetune.data.datamodule import ImageFolderDataModule, default_num_workers
+from finetune.data.images import (
+    ImageFolder,
+    ImageReadError,
+    _problem,
+    find_bad_images,
+    forked_map,
+    one_at_a_time,
+    per_core,
+    read_rgb,
+)
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, DataError, MissingFileError
 from finetune.models import InputConfig
 from finetune.train import train
-from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder
+from tests.helpers import SMALL_MODEL, TINY, at_once, compose_train, make_image_folder, meet_in
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -232,6 +243,14 @@ def test_a_process_that_dies_is_an_error_not_a_wait_for_ever():
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_without_an_affinity_mask_every_core_counts(monkeypatch):
+    """macOS has no os.sched_getaffinity: the check's processes and data.num_workers=auto count every core."""
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert per_core(1000) == (4, 62)  # 4 processes, chunks of 1000 / 16
+    assert default_num_workers() == 4
+
+
 def test_the_check_decodes_a_set_of_files_once_and_again_after_any_change(tmp_path, decoded_images):
     root, records = bad_data_folder(tmp_path / "data"), tmp_path / "checked"
     first = ImageFolder(root / "train", skip_bad_images=True, checked_dir=records)
@@ -252,6 +271,35 @@ def test_the_check_decodes_a_set_of_files_once_and_again_after_any_change(tmp_pa
     good.unlink()
     removed = ImageFolder(root / "train", skip_bad_images=True, checked_dir=records)
     assert len(decoded_images) == files - 1 and len(removed.samples) == len(first.samples) - 1
+
+
+def test_runs_that_check_the_same_files_at_once_decode_them_once(tmp_path, monkeypatch):
+    meet_in(monkeypatch, images, "find_bad_images", tmp_path / "checks")
+    at_once(ImageFolder, bad_data_folder(tmp_path / "data") / "train", None, True, tmp_path / "checked")
+    assert len((tmp_path / "checks").read_text().splitlines()) == 1
+    assert [file.suffix for file in (tmp_path / "checked").iterdir()] == [".json"]  # no lock file left
+
+
+def test_a_process_that_dies_holding_the_lock_lets_go_of_it(tmp_path):
+    record = tmp_path / "record.json"
+
+    def dies_holding_it() -> None:
+        with one_at_a_time(record):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    holder = multiprocessing.get_context("fork").Process(target=dies_holding_it)
+    holder.start()
+    holder.join(60)
+    assert holder.exitcode == -signal.SIGKILL and (tmp_path / "record.json.lock").exists()
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the lock of a killed process is still held"))
+    signal.alarm(30)
+    try:
+        with one_at_a_time(record):
+            record.write_text("{}")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [file.name for file in tmp_path.iterdir()] == ["record.json"]
 
 
 def test_a_checked_dir_that_cannot_be_written_costs_the_decoding_only(tmp_path, decoded_images, caplog):

@@ -336,10 +336,11 @@ def test_image_scan_benchmark_runs_and_the_scan_catches_every_bad_file(image_fol
     assert [scan for _, scan, _ in caught] == ["yes"] * len(caught)
 
 
-def test_store_build_benchmark_runs(image_folder):
+@pytest.mark.parametrize("runs", ["1", "2"])
+def test_store_build_benchmark_runs(image_folder, runs):
     from benchmarks import store_build
 
-    (row,) = store_build.main(["--folders", str(image_folder / "train"), "--rounds", "1"])
+    (row,) = store_build.main(["--folders", str(image_folder / "train"), "--rounds", "1", "--runs", runs])
     assert row[1:3] == [24, 40] and row[3] > 0  # 24 images, stored at their own 40 px (not upsampled to 256)
 
 

@@ -24,7 +24,7 @@ from finetune.errors import ConfigError
 from finetune.models import InputConfig
 from finetune.train import train
 from finetune.validation import validate
-from tests.helpers import compose_train, doc_commands, make_image_folder, run_cli
+from tests.helpers import at_once, compose_train, doc_commands, make_image_folder, meet_in, run_cli
 
 CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
 # the recommended recipe, short: pretrained Lite0, 2 epochs (the head alone, then everything), batches of 8
@@ -116,6 +116,14 @@ def test_a_store_decoded_in_parts_by_several_processes_holds_every_image_in_orde
     with pytest.raises(OSError, match="the disk is full"):
         StoredImages.of(folder, None, CONFIG, tmp_path / "failed")
     assert list((tmp_path / "failed").iterdir()) == []  # neither the store's partial file nor any part
+
+
+def test_runs_that_ask_for_a_new_store_at_once_build_it_once(images, tmp_path, monkeypatch):
+    """DDP ranks and a parallel sweep's jobs start their first run together: one builds, the others read."""
+    meet_in(monkeypatch, store, "build_store", tmp_path / "builds")
+    at_once(StoredImages.of, ImageFolder(images / "train"), None, CONFIG, tmp_path / "store")
+    assert len((tmp_path / "builds").read_text().splitlines()) == 1
+    assert sorted(file.suffix for file in (tmp_path / "store").iterdir()) == [".npy", ".u8"]  # no lock file left
 
 
 def test_a_store_dir_that_cannot_be_written_is_named(images, tmp_path):

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2.functional import to_pil_image
 
-from finetune.data.images import ImageFolder, find_classes
+from finetune.data.images import ImageFolder, find_classes, usable_cores
 from finetune.data.sampling import BalancedSampler, ResumableLoader, Seeded, SeededCollate, SeededSampler
 from finetune.data.store import (
     DeviceAugment,
@@ -130,7 +130,7 @@ class Transformed(Dataset):
 
 
 def default_num_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)))
+    return min(8, usable_cores())
 
 
 class ImageFolderDataModule(L.LightningDataModule):

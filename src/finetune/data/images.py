@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -11,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -106,10 +108,16 @@ def forked_map(function: Callable[[T], R], items: Sequence[T], processes: int, c
         pool.shutdown(cancel_futures=True)  # on an error, the items not started yet are not decoded
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: Linux's affinity mask (a SLURM job's or a container's share), elsewhere
+    (macOS) every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def per_core(count: int) -> tuple[int, int]:
     """Processes and chunk size for `count` small jobs: one process per core, at most one per 32 jobs; about 4
     chunks per process, at most 256 jobs each."""
-    processes = min(len(os.sched_getaffinity(0)), count // 32)
+    processes = min(usable_cores(), count // 32)
     return processes, max(1, min(256, count // (4 * max(processes, 1))))
 
 
@@ -142,6 +150,34 @@ def files_key(paths: Sequence[Path], *settings: object) -> str:
     return digest.hexdigest()[:32]
 
 
+@contextmanager
+def one_at_a_time(file: Path) -> Iterator[None]:
+    """A lock on `<file>.lock` (its folder made) while computing what `file` keeps: processes that start at once
+    (DDP ranks, a parallel sweep's jobs, on their first run) compute it one at a time, so that the first computes
+    it and the others find it. The lock's file is removed when let go (the system lets go of a killed process's
+    lock); only after a failure may a process that waited and one that came later both compute. Where there is no
+    lock to be had (a folder that cannot be written, a file system without locks) each computes its own."""
+    path = file.with_name(file.name + ".lock")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for %s: another process (a DDP rank, a parallel run) is making it", file)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (some network ones): each computes its own
+            pass
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # those waiting hold on to it; a later one makes a new one
+        os.close(lock)  # lets go of the lock
+
+
 def checked_once(paths: list[Path], records: Path | None) -> dict[Path, str]:
     """`find_bad_images`, decoded once for a set of files: what it found is kept in `records/<key>.json` (the key
     hashes the files' paths, sizes and mtimes, PIL's version and its size limit), so that a later run over the same
@@ -149,21 +185,21 @@ def checked_once(paths: list[Path], records: Path | None) -> dict[Path, str]:
     if records is None:
         return find_bad_images(paths)
     record = records / f"{files_key(paths, CHECK_FORMAT, PIL.__version__, Image.MAX_IMAGE_PIXELS)}.json"
-    try:
-        return {Path(path): problem for path, problem in json.loads(record.read_text()).items()}
-    except (OSError, ValueError):  # not checked yet (or a record cut short): decode them
-        pass
-    bad = find_bad_images(paths)
-    partial = record.with_suffix(f".{os.getpid()}.part")  # renamed when whole: a parallel run never reads half
-    try:
-        records.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({str(path): problem for path, problem in bad.items()}))
-        partial.replace(record)
-    except OSError as err:  # e.g. a checkpoint's data.checked_dir, from the machine it was trained on
-        log.warning(
-            "The image check is not recorded in %s (%s): set data.checked_dir to a writable folder", records, err
-        )
-    return bad
+    with one_at_a_time(record):
+        try:
+            return {Path(path): problem for path, problem in json.loads(record.read_text()).items()}
+        except (OSError, ValueError):  # not checked yet (or a record cut short): decode them
+            pass
+        bad = find_bad_images(paths)
+        partial = record.with_suffix(f".{os.getpid()}.part")  # renamed when whole: a reader never sees half
+        try:
+            partial.write_text(json.dumps({str(path): problem for path, problem in bad.items()}))
+            partial.replace(record)
+        except OSError as err:  # e.g. a checkpoint's data.checked_dir, from the machine it was trained on
+            log.warning(
+                "The image check is not recorded in %s (%s): set data.checked_dir to a writable folder", records, err
+            )
+        return bad
 
 
 def unreadable(

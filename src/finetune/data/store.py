@@ -33,7 +33,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from finetune.data.images import ImageFolder, files_key, forked_map, per_core, read_rgb
+from finetune.data.images import ImageFolder, files_key, forked_map, one_at_a_time, per_core, read_rgb
 from finetune.data.transforms import NormalizeBatch
 from finetune.errors import ConfigError
 from finetune.models.backbones import InputConfig
@@ -160,10 +160,11 @@ class StoredImages(Dataset):
         """The folder's store for images that `config` transforms, built first if it does not exist yet."""
         paths = [path for path, _ in folder.samples]
         file = store_dir / f"{store_key(paths, size, config)}.npy"
-        if not file.is_file():
-            build_store(paths, size or default_side(paths, config.resize), config, file)
-        else:
-            log.info("Images of %s read from the store %s", folder.root, file.with_suffix(".u8"))
+        with one_at_a_time(file):  # DDP ranks and parallel runs build it once
+            if not file.is_file():
+                build_store(paths, size or default_side(paths, config.resize), config, file)
+            else:
+                log.info("Images of %s read from the store %s", folder.root, file.with_suffix(".u8"))
         return cls(folder, file)
 
     @property
