@@ -309,8 +309,9 @@ step bf16 "trainer.precision=bf16-mixed" "" 30 \
     "$py" train.py "${short[@]}" "${quiet[@]}" "${one[@]}" strategy=finetune trainer.precision=bf16-mixed
 step nchw "images/s: model.channels_last=false (ResNet-18)" "" 40 \
     "$py" -m benchmarks.throughput "${nchw[@]}"
+# with the progress bar, as users run it: it draws on rank 0 alone (DDP once crashed on it at the first epoch's end)
 step ddp_unfreeze "DDP across the unfreeze (${all[*]})" "$ddp_skip" 60 \
-    "$py" train.py "${short[@]}" "${quiet[@]}" "${all[@]}" strategy=freeze_unfreeze "strategy.unfreeze_at=[1]" \
+    "$py" train.py "${short[@]}" "${all[@]}" strategy=freeze_unfreeze "strategy.unfreeze_at=[1]" \
     trainer.max_epochs=2
 step syncbn "model.sync_batchnorm=true (${all[*]})" "${syncbn_skip:-$ddp_skip}" 45 \
     "$py" train.py "${short[@]}" "${quiet[@]}" "${all[@]}" strategy=finetune model.sync_batchnorm=true

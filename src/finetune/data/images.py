@@ -160,7 +160,7 @@ def one_at_a_time(file: Path) -> Iterator[None]:
     path = file.with_name(file.name + ".lock")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        lock = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        lock = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # read only: another user's lock file too
     except OSError:
         yield
         return
