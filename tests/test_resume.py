@@ -88,6 +88,7 @@ def kill_mid_epoch(root: Path, run: list[str], steps_per_epoch: int = STEPS_PER_
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its group: DDP's other ranks are killed with it
     )
     last_epoch, seen = 2 * steps_per_epoch, None
     try:
@@ -97,12 +98,12 @@ def kill_mid_epoch(root: Path, run: list[str], steps_per_epoch: int = STEPS_PER_
             if found and found[0].stat().st_mtime_ns != seen:
                 seen = found[0].stat().st_mtime_ns
                 if 0 < load(found[0])["global_step"] - last_epoch < steps_per_epoch:
-                    process.send_signal(signal.SIGKILL)
+                    os.killpg(process.pid, signal.SIGKILL)
                     break
             time.sleep(0.05)
         process.wait(timeout=60)
     finally:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
     return load(found[0])
 
@@ -144,6 +145,26 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
     assert a["callbacks"]["StageUnfreezing"] == b["callbacks"]["StageUnfreezing"] == {"trainable_stages": 5}
     for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
         assert resumed[key] == uninterrupted[key], key
+
+
+@pytest.mark.slow  # 3 DDP runs; what each rank's sampler skips is tested fast below
+def test_a_ddp_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, images, monkeypatch):
+    """2 gloo ranks of batch 4 (6 steps an epoch, as batch 8 on one process), killed together mid-epoch; every run
+    in new interpreters with the killed run's threads (its sums in the same order)."""
+    run = [*RUN, f"data.root={images}", "data.num_workers=0", "trainer=ddp_cpu", "data.batch_size=4"]
+    killed = kill_mid_epoch(tmp_path, run)
+    assert killed["epoch"] == 2 and killed["global_step"] % STEPS_PER_EPOCH
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    for root, resume in ((tmp_path, ["ckpt_path=last"]), (tmp_path / "uninterrupted", [])):
+        result = run_cli(["train.py", *run, *resume], root, fresh=True)
+        assert result.returncode == 0, result.output[-3000:]
+    runs = [sorted((root / "logs" / "train" / "runs").iterdir())[-1] for root in (tmp_path, tmp_path / "uninterrupted")]
+    a, b = (load(run / "checkpoints" / "last.ckpt") for run in runs)
+    assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
+    torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
+    (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]
+    torch.testing.assert_close(optimizer_a["state"], optimizer_b["state"], rtol=0, atol=0)  # momentum buffers
+    assert optimizer_a["param_groups"] == optimizer_b["param_groups"]  # every group's lr
 
 
 @pytest.mark.slow  # a third kill-and-resume run; what accumulation counts is tested fast in tests/test_accumulation.py
