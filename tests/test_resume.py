@@ -3,6 +3,7 @@ command that resumes the run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -103,7 +104,8 @@ def kill_mid_epoch(root: Path, run: list[str], steps_per_epoch: int = STEPS_PER_
             time.sleep(0.05)
         process.wait(timeout=60)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # what is left of its group, if anything
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
     return load(found[0])
 
