@@ -196,15 +196,51 @@ def test_slurm_launcher_renders_a_multi_node_ddp_job(tmp_path, monkeypatch):
     assert flags["signal"] == "USR2@120"
 
 
+class Collectives(Callback):
+    """Writes the collectives that Python code calls on this rank (`torch.distributed`'s functions, from `setup` on),
+    one line each (name, shape, dtype), to `folder/rank_<rank>.txt` at `teardown`."""
+
+    NAMES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "barrier", "broadcast_object_list")
+
+    def __init__(self, folder: str):
+        self.folder, self.calls, self.originals = Path(folder), [], {}
+
+    def setup(self, trainer, pl_module, stage):
+        for name in self.NAMES:
+            self.originals[name] = function = getattr(torch.distributed, name)
+            setattr(torch.distributed, name, self._logged(name, function))
+
+    def _logged(self, name, function):
+        def logged(*args, **kwargs):
+            tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            self.calls.append(f"{name} {tuple(tensor.shape)} {tensor.dtype}" if tensor is not None else name)
+            return function(*args, **kwargs)
+
+        return logged
+
+    def teardown(self, trainer, pl_module, stage):
+        for name, function in self.originals.items():
+            setattr(torch.distributed, name, function)
+        with open(self.folder / f"rank_{trainer.global_rank}.txt", "a") as out:
+            out.writelines(f"{call}\n" for call in self.calls)
+        self.calls = []
+
+
 def test_ddp_with_the_defaults_a_user_gets(tmp_path, image_folder):
     """The recommended recipe (20 steps an epoch, the head alone first), the progress bar, the loggers and the image
-    check on 2 gloo ranks: the bar draws on rank 0 alone, yet its first read of an epoch's values reduces them
-    across the ranks, so every rank must make it at the same point (rank 1 was in FiniteLoss's check instead)."""
+    check on 2 gloo ranks, validating twice an epoch: every rank calls the same collectives in the same order (gloo
+    fails on a mismatch of sizes; one of equal sizes would reduce the wrong values). The bar draws on rank 0 alone,
+    yet its first read of an epoch's values reduces them across the ranks: every rank makes that read together."""
     args = ["train.py", "data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, "trainer=ddp_cpu"]
-    result = run_cli([*args, "data.image_size=32", "trainer.max_epochs=2", "data.num_workers=0"], tmp_path)
+    trace = ["+callbacks.trace._target_=tests.test_distributed.Collectives", f"+callbacks.trace.folder={tmp_path}"]
+    options = ["data.image_size=32", "trainer.max_epochs=2", "data.num_workers=0", "++trainer.val_check_interval=0.5"]
+    result = run_cli([*args, *options, *trace], tmp_path)
     assert result.returncode == 0, result.output[-3000:]
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert {"train/loss_epoch", "val/acc", "test/acc"} <= scalars(run).keys()
+    ranks = [(tmp_path / f"rank_{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert "all_reduce () torch.float32" in ranks[0]  # the metrics reduced with sync_dist
 
 
 @pytest.mark.slow
