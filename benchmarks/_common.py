@@ -9,7 +9,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,18 @@ def in_turn(names: list[str] | tuple[str, ...], round_: int) -> list[str] | tupl
     """The names in the order of round `round_`: each starts a round in turn, so that none always runs first."""
     shift = round_ % len(names)
     return names[shift:] + names[:shift]
+
+
+def at_once(function: Callable[..., object], *args: object, runs: int) -> None:
+    """`function(*args)` in `runs` processes forked together, as DDP ranks or a parallel sweep's jobs start; an
+    error if any of them fails."""
+    processes = [multiprocessing.get_context("fork").Process(target=function, args=args) for _ in range(runs)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    if any(process.exitcode for process in processes):
+        raise RuntimeError(f"a run failed: exit codes {[process.exitcode for process in processes]}")
 
 
 def median(values: list[float]) -> float:

@@ -13,12 +13,11 @@ jobs do on their first run: the time until each has it.
 
 from __future__ import annotations
 
-import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import benchmark_parser, machine, median, table
+from benchmarks._common import at_once, benchmark_parser, machine, median, table
 from finetune.data.images import ImageFolder
 from finetune.data.store import StoredImages, build_store, default_side
 from finetune.models import InputConfig
@@ -39,16 +38,7 @@ def concurrent_seconds(folder: ImageFolder, runs: int, side: int | None) -> tupl
     """Seconds until `runs` processes that ask for the folder's new store at once all have it; its side."""
     with tempfile.TemporaryDirectory() as store_dir:
         start = time.perf_counter()
-        fork = multiprocessing.get_context("fork")
-        processes = [
-            fork.Process(target=StoredImages.of, args=(folder, side, CONFIG, Path(store_dir))) for _ in range(runs)
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        if any(process.exitcode for process in processes):
-            raise RuntimeError(f"a run failed: exit codes {[process.exitcode for process in processes]}")
+        at_once(StoredImages.of, folder, side, CONFIG, Path(store_dir), runs=runs)
         seconds = time.perf_counter() - start
         return seconds, StoredImages.of(folder, side, CONFIG, Path(store_dir)).side
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -196,11 +198,17 @@ def meet_in(monkeypatch: pytest.MonkeyPatch, module: object, name: str, calls: P
     monkeypatch.setattr(module, name, slowed)
 
 
-def at_once(function: Callable[..., object], *args: object, runs: int = 3) -> None:
-    """`function(*args)` in `runs` processes forked together (DDP ranks, a parallel sweep's jobs); each must end well."""
-    processes = [multiprocessing.get_context("fork").Process(target=function, args=args) for _ in range(runs)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(120)
-    assert [process.exitcode for process in processes] == [0] * runs
+@contextlib.contextmanager
+def within(seconds: int, what: str) -> Iterator[None]:
+    """Fails the test with `what` when its block runs past `seconds` (SIGALRM): for code that could wait for ever."""
+
+    def too_long(*_: object) -> None:
+        pytest.fail(f"{what} after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

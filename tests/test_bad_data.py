@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks._common import at_once
 from finetune.builders import build_datamodule
 from finetune.data import images
 from finetune.data.datamodule import ImageFolderDataModule, default_num_workers
@@ -35,7 +36,7 @@ from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, DataError, MissingFileError
 from finetune.models import InputConfig
 from finetune.train import train
-from tests.helpers import SMALL_MODEL, TINY, at_once, compose_train, make_image_folder, meet_in
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, meet_in, within
 
 RED, GREEN = (255, 0, 0), (0, 255, 0)
 
@@ -230,17 +231,9 @@ def killed_at_three(item: int) -> int:
 
 
 def test_a_process_that_dies_is_an_error_not_a_wait_for_ever():
-    def waited_too_long(*_: object) -> None:
-        raise TimeoutError("forked_map still waits for a process that died")
-
-    previous = signal.signal(signal.SIGALRM, waited_too_long)
-    signal.alarm(60)  # a multiprocessing.Pool would wait for ever: the suite must not
-    try:
-        with pytest.raises(BrokenProcessPool):
-            list(forked_map(killed_at_three, range(8), processes=2))
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    # a multiprocessing.Pool would wait for ever: the suite must not
+    with within(60, "forked_map still waits for a process that died"), pytest.raises(BrokenProcessPool):
+        list(forked_map(killed_at_three, range(8), processes=2))
 
 
 def test_without_an_affinity_mask_every_core_counts(monkeypatch):
@@ -275,7 +268,8 @@ def test_the_check_decodes_a_set_of_files_once_and_again_after_any_change(tmp_pa
 
 def test_runs_that_check_the_same_files_at_once_decode_them_once(tmp_path, monkeypatch):
     meet_in(monkeypatch, images, "find_bad_images", tmp_path / "checks")
-    at_once(ImageFolder, bad_data_folder(tmp_path / "data") / "train", None, True, tmp_path / "checked")
+    with within(120, "runs still wait for one another"):
+        at_once(ImageFolder, bad_data_folder(tmp_path / "data") / "train", None, True, tmp_path / "checked", runs=3)
     assert len((tmp_path / "checks").read_text().splitlines()) == 1
     assert [file.suffix for file in (tmp_path / "checked").iterdir()] == [".json"]  # no lock file left
 
@@ -291,14 +285,8 @@ def test_a_process_that_dies_holding_the_lock_lets_go_of_it(tmp_path):
     holder.start()
     holder.join(60)
     assert holder.exitcode == -signal.SIGKILL and (tmp_path / "record.json.lock").exists()
-    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the lock of a killed process is still held"))
-    signal.alarm(30)
-    try:
-        with one_at_a_time(record):
-            record.write_text("{}")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with within(30, "the lock of a killed process is still held"), one_at_a_time(record):
+        record.write_text("{}")
     assert [file.name for file in tmp_path.iterdir()] == ["record.json"]
 
 

@@ -160,8 +160,10 @@ def test_a_ddp_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_o
     for root, resume in ((tmp_path, ["ckpt_path=last"]), (tmp_path / "uninterrupted", [])):
         result = run_cli(["train.py", *run, *resume], root, fresh=True)
         assert result.returncode == 0, result.output[-3000:]
-    runs = [sorted((root / "logs" / "train" / "runs").iterdir())[-1] for root in (tmp_path, tmp_path / "uninterrupted")]
-    a, b = (load(run / "checkpoints" / "last.ckpt") for run in runs)
+    a, b = (
+        load(sorted((root / "logs" / "train" / "runs").iterdir())[-1] / "checkpoints" / "last.ckpt")
+        for root in (tmp_path, tmp_path / "uninterrupted")
+    )
     assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
     torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
     (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]

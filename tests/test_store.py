@@ -14,6 +14,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from benchmarks._common import at_once
 from finetune.caching import split_key
 from finetune.data import store
 from finetune.data.datamodule import ImageFolderDataModule
@@ -24,7 +25,7 @@ from finetune.errors import ConfigError
 from finetune.models import InputConfig
 from finetune.train import train
 from finetune.validation import validate
-from tests.helpers import at_once, compose_train, doc_commands, make_image_folder, meet_in, run_cli
+from tests.helpers import compose_train, doc_commands, make_image_folder, meet_in, run_cli, within
 
 CONFIG = InputConfig(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))  # resize 37: below the images' 40 px
 # the recommended recipe, short: pretrained Lite0, 2 epochs (the head alone, then everything), batches of 8
@@ -121,7 +122,8 @@ def test_a_store_decoded_in_parts_by_several_processes_holds_every_image_in_orde
 def test_runs_that_ask_for_a_new_store_at_once_build_it_once(images, tmp_path, monkeypatch):
     """DDP ranks and a parallel sweep's jobs start their first run together: one builds, the others read."""
     meet_in(monkeypatch, store, "build_store", tmp_path / "builds")
-    at_once(StoredImages.of, ImageFolder(images / "train"), None, CONFIG, tmp_path / "store")
+    with within(120, "runs still wait for one another"):
+        at_once(StoredImages.of, ImageFolder(images / "train"), None, CONFIG, tmp_path / "store", runs=3)
     assert len((tmp_path / "builds").read_text().splitlines()) == 1
     assert sorted(file.suffix for file in (tmp_path / "store").iterdir()) == [".npy", ".u8"]  # no lock file left
 
