@@ -89,6 +89,13 @@ def test_the_progress_bar_reads_the_training_metrics_at_most_every_every_s():
     assert all(type(value) is float for value in shown.values())
 
 
+def test_the_progress_bar_leaves_out_lightnings_v_num():
+    """Lightning shows the last 4 characters of the run's name ("hs=1" of `trainer.max_epochs=1`), which say nothing."""
+    trainer = SimpleNamespace(loggers=[SimpleNamespace(version="trainer.max_epochs=1")], callback_metrics={})
+    trainer.progress_bar_metrics = {"val/acc": 0.5}
+    assert ProgressBar().get_metrics(trainer, None) == {"val/acc": 0.5}
+
+
 @pytest.mark.parametrize(("interval", "asked"), [(timedelta(minutes=30), [5, 10, 15]), (None, list(range(1, 16)))])
 def test_the_mid_epoch_checkpoint_asks_the_clock_every_log_every_n_steps(monkeypatch, interval, asked):
     """Lightning's ModelCheckpoint asks its clock after every batch, under DDP with a broadcast from rank 0 (every rank

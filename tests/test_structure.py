@@ -97,6 +97,10 @@ def test_the_documented_debug_command_runs(tmp_path):
     result = run_cli(command.split()[1:], tmp_path)
     assert result.returncode == 0, result.output
     assert "Test accuracy:" in result.output and not list((tmp_path / "logs").rglob("*.ckpt"))
+    # The console a user reads: none of Lightning's notices they can do nothing about, and the summary table counts
+    # what trains from the first step (the recipe's linear probe: Lite0's head for 3 classes), as the log line does
+    assert not [noise for noise in ("LeafSpec", "💡", "module(s) in eval mode") if noise in result.output]
+    assert "Trainable parameters: 3,843 of" in result.output and "Trainable params: 3.8 K" in result.output
 
 
 def test_make_lint_runs_as_documented():

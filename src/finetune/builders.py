@@ -8,6 +8,7 @@ to make each piece (as lightning-hydra-template's `instantiate_callbacks` / `ins
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_module
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import RUN_SETTINGS, RunSettings
@@ -29,6 +31,22 @@ from finetune.models.module import FineTuneModule, ModelOptions, StrategySetting
 from finetune.settings import plain, run_settings
 
 log = logging.getLogger(__name__)
+
+# What Lightning and torch print on every run that a user of this template can do nothing about:
+# frozen stages are in eval mode on purpose (their BatchNorm statistics must not move);
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# configure_model only converts BatchNorm for DDP (see FineTuneModule): the EMA copy needs nothing from it;
+warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback with a model that overrides")
+# Lightning's own use of torch's pytree (lightning/pytorch/utilities/_pytree.py), which recent torch deprecates;
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip:")
+
+
+# and Lightning's advert for its cloud logger (on the logger that Lightning's rank_zero_info writes to).
+rank_zero_module.log.addFilter(_not_an_advert)
 
 
 def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from finetune.analysis import collapse, write_multilabel_report, write_report
@@ -105,7 +105,9 @@ class ProgressBar(RichProgressBar):
             suffixes = ("_step", "_epoch")
             self._training = {k: float(v) for k, v in metrics if k.startswith("train/") and k.endswith(suffixes)}
             self._read_at = time.monotonic()
-        return {**super().get_metrics(trainer, pl_module), **self._training}
+        shown = {**super().get_metrics(trainer, pl_module), **self._training}
+        shown.pop("v_num", None)  # the last 4 characters of the run's name ("hs=1"), which say nothing
+        return shown
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The first read of the epoch's values reduces those logged with sync_dist across the ranks: every rank
@@ -113,6 +115,23 @@ class ProgressBar(RichProgressBar):
         trainer.callback_metrics  # noqa: B018
         self._read_at = -math.inf  # the epoch's own values, however soon after the last read
         super().on_train_epoch_end(trainer, pl_module)
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's summary table, whose "Trainable params" are those that train from the first step: the frozen
+    backbone stages keep `requires_grad` (they run under no_grad, `finetune.models.backbones.Backbone`), which
+    Lightning alone would count as trainable (`strategy=freeze`: every parameter)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        backbone = pl_module.backbone  # its frozen stages are set: the strategy's callback comes first
+        frozen = [p for p in backbone.stages[: backbone.frozen_stages].parameters() if p.requires_grad]
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+        try:
+            super().on_fit_start(trainer, pl_module)
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(True)
 
 
 class SplitOutputs(Callback):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,9 +41,6 @@ from finetune.errors import ConfigError, exit_on_user_error
 from finetune.models.module import FineTuneModule
 from finetune.run_status import command_line
 from finetune.validation import config_problems, number, validate
-
-# Frozen stages are in eval mode on purpose, as in train.py
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 # fastai leaves the last 5 steps out of the suggestion (the loss shooting up) and the first tenth (not moving yet)
 SKIP_END = 5

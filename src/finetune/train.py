@@ -6,7 +6,6 @@ import logging
 import resource
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,10 +29,6 @@ from finetune.run_status import interruption, recorded, resume_hint
 from finetune.validation import validate
 
 log = logging.getLogger(__name__)
-# Frozen stages are in eval mode on purpose (their BatchNorm statistics must not move).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-# configure_model only converts BatchNorm for DDP (see FineTuneModule): the EMA copy needs nothing from it.
-warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback with a model that overrides")
 
 
 @contextmanager

@@ -200,6 +200,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.store, self.store_size, self.store_dir = store, store_size, Path(store_dir).expanduser()
         self.augment_on = augment_on
         self._device_step: DeviceAugment | NormalizeBatch | None = None  # decided when the training loader is built
+        self._told: set[str] = set()  # what building the training loader logged (it is built twice: `_tell_once`)
         self.seed = seed
         self.datasets: dict[str, Dataset] = {}
         self.labels: dict[str, list[Label]] = {}  # every split's labels, read once at setup
@@ -365,6 +366,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         unfinished = isinstance(batch, list | tuple) and getattr(batch[0], "dtype", None) == torch.uint8
         return self._device_step(batch) if unfinished else batch
 
+    def _tell_once(self, message: str) -> None:
+        """Logs what the training loader is made of once: a per-step schedule counts its batches
+        (`estimated_stepping_batches`), which builds it, and the fit loop builds it again (FineTuneModule)."""
+        if message not in self._told:
+            self._told.add(message)
+            log.info(message)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or class-balanced), augmented and mixed by (seed, epoch, sample) and resumable mid-epoch
         (see `finetune.data.sampling`)."""
@@ -373,11 +381,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._device_step = self._choose_device_step()
         if isinstance(self._device_step, DeviceAugment):
             train = StoredCrops(train.dataset, train.indices, self.input_config, random=self.augment != "none")
-            log.info("Training images are cropped, flipped and normalised as whole batches on the training device")
+            self._tell_once(
+                "Training images are cropped, flipped and normalised as whole batches on the training device"
+            )
         elif self._device_step is not None:
             uint8 = train_transform(self.input_config, self.augment, normalize=False)
             train = Transformed(train.dataset, train.indices, uint8)
-            log.info("Training images are normalised as whole batches on the training device (uint8 from the workers)")
+            self._tell_once(
+                "Training images are normalised as whole batches on the training device (uint8 from the workers)"
+            )
         dataset = Seeded(train, with_seed=mix is not None)
         ranks = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         # the budget is in optimizer steps: with gradient accumulation each step takes that many batches
@@ -389,13 +401,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             else SeededSampler(dataset, *ranks, seed=self.seed, min_draws=min_draws)
         )
         if min_draws > len(dataset):
-            log.info(
-                "%d training images: each epoch draws %d (data.min_steps_per_epoch=%d steps of %d batches of %d)",
-                len(dataset),
-                sampler.total_size,
-                self.min_steps_per_epoch,
-                batches_per_step,
-                self.batch_size,
+            self._tell_once(
+                f"{len(dataset)} training images: each epoch draws {sampler.total_size} "
+                f"(data.min_steps_per_epoch={self.min_steps_per_epoch} steps of {batches_per_step} batches of "
+                f"{self.batch_size})"
             )
         return ResumableLoader(
             dataset,
