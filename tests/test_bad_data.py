@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from benchmarks._common import at_once
@@ -202,6 +203,29 @@ def test_skip_bad_images_leaves_them_out_and_lists_them(tmp_path, caplog):
     assert all(str(root / "train" / "café ☕" / name) in caplog.text for name in UNREADABLE)
     image, label = dataset[[p.name for p, _ in dataset.samples].index("grey16.png")]
     assert image.mode == "RGB" and dataset.classes[label] == "hot dog"
+
+
+def test_a_class_s_sub_folders_hold_its_images_too_as_torchvision_finds_them(tmp_path):
+    """Photos kept in folders of their own within a class folder (by date, by source) are the class's, as
+    torchvision's ImageFolder finds them (here in its order too); a hidden folder (`.ipynb_checkpoints`) is not."""
+    make_image_folder(tmp_path, train=2, test=1)
+    red = tmp_path / "train" / "red"
+    for folder in ("2024/b", "2024/a", ".ipynb_checkpoints"):
+        (red / folder).mkdir(parents=True)
+        (red / folder / "photo.png").write_bytes((red / "000.png").read_bytes())
+    (red / "2024" / "z.png").write_bytes((red / "000.png").read_bytes())
+    dataset = ImageFolder(tmp_path / "train")
+    found = [str(path.relative_to(tmp_path / "train")) for path, _ in dataset.samples]
+    assert found == [
+        *(f"blue/{i:03d}.png" for i in range(2)),
+        *(f"red/{i:03d}.png" for i in range(2)),
+        "red/2024/z.png",
+        "red/2024/a/photo.png",
+        "red/2024/b/photo.png",
+    ]
+    assert dataset.targets == [0, 0, 1, 1, 1, 1, 1]
+    reference = torchvision.datasets.ImageFolder(tmp_path / "train", is_valid_file=lambda p: ".ipynb" not in p)
+    assert [(Path(path), label) for path, label in reference.samples] == dataset.samples
 
 
 def test_a_run_trains_through_every_case_with_skip_bad_images(tmp_path):

@@ -56,7 +56,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-EXPECTED = ["a.png", "b_sub/e.png", "c.jpg", "d.JPEG", "empty.png", "f.png", "text.jpg", "truncated.jpg"]
+# a folder's files, then its sub-folders' (finetune.data.images.image_files: the order training reads a class folder)
+EXPECTED = ["a.png", "c.jpg", "d.JPEG", "empty.png", "f.png", "text.jpg", "truncated.jpg", "b_sub/e.png"]
 BAD = {"empty.png": "UnidentifiedImageError", "text.jpg": "UnidentifiedImageError", "truncated.jpg": "truncated"}
 
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from finetune.analysis import check_tta, tta_logits
 from finetune.builders import rebuild
 from finetune.config import CONFIG_DIR
-from finetune.data.images import IMAGE_EXTENSIONS, ImageReadError, read_rgb
+from finetune.data.images import ImageReadError, image_files, is_image_file, read_rgb
 from finetune.data.transforms import eval_transform
 from finetune.errors import ConfigError, MissingFileError, exit_on_user_error
 
@@ -38,26 +38,10 @@ Transform = Callable[[Image.Image], torch.Tensor]
 Item = tuple[str, torch.Tensor | None, str]  # path, image (None if unreadable), error ("" if none)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _walk(folder: Path) -> Iterator[Path]:
-    """Image files under `folder`, depth first, sorted by name within each folder; hidden ones are skipped.
-
-    Only one folder's listing is held at a time (per level of depth)."""
-    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
-    for entry in entries:
-        path = Path(entry.path)
-        if entry.is_dir():
-            yield from _walk(path)
-        elif entry.is_file() and _is_image(path):
-            yield path
-
-
 class ImagePaths:
     """The image files named by `source`: one file (whatever its name), a folder (searched recursively for
-    `IMAGE_EXTENSIONS`) or a glob pattern (`photos/**/*.jpg`; matches are filtered and sorted the same way).
+    `IMAGE_EXTENSIONS`, in `image_files`' order) or a glob pattern (`photos/**/*.jpg`; matches are filtered the same
+    way and sorted by path).
 
     Lazy and re-iterable (each `iter()` starts anew), and picklable, so DataLoader workers can share it.
     """
@@ -73,10 +57,10 @@ class ImagePaths:
         if path.is_file():
             yield path
         elif path.is_dir():
-            yield from _walk(path)
+            yield from image_files(path)
         else:  # glob.iglob yields in directory order, so sorting needs the list of matching paths
             matches = sorted(glob.iglob(os.path.expanduser(self.source), recursive=True))
-            yield from (p for p in map(Path, matches) if p.is_file() and _is_image(p))
+            yield from (p for p in map(Path, matches) if p.is_file() and is_image_file(p))
 
 
 def load_image(path: str | os.PathLike, transform: Transform) -> Item:

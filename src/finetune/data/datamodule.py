@@ -134,7 +134,7 @@ def default_num_workers() -> int:
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """`root/train/<class>/*` and `root/test/<class>/*` (or `val/`) with the d2l transforms.
+    """`root/train/<class>/**/*` and `root/test/<class>/**/*` (or `val/`) with the d2l transforms.
 
     Validation is `val_fraction` of train (seeded) or, with `val_fraction: 0`, the test split
     (as d2l does); with `folds` (cross-validation), fold `fold` of train's `stratified_folds` instead, never the

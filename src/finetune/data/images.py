@@ -220,6 +220,22 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+def is_image_file(path: Path) -> bool:
+    """A visible file named as an image (`IMAGE_EXTENSIONS`); `Thumbs.db`, `._photo.jpg`, `labels.csv` are not."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and _visible(path)
+
+
+def image_files(folder: Path) -> Iterator[Path]:
+    """The image files under `folder` and its sub-folders, those torchvision's ImageFolder finds for a class: a
+    folder's own before its sub-folders', each sorted by name; hidden files and folders (`.ipynb_checkpoints`) are
+    skipped. Only one folder's listing is held at a time (per level of depth)."""
+    entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    yield from (Path(e.path) for e in entries if e.is_file() and is_image_file(Path(e.path)))
+    for entry in entries:
+        if entry.is_dir():
+            yield from image_files(Path(entry.path))
+
+
 def find_classes(split_dir: Path) -> list[str]:
     """Class names = visible sub-folders of a split folder, sorted; a classifier needs two or more."""
     if not split_dir.is_dir():
@@ -232,7 +248,8 @@ def find_classes(split_dir: Path) -> list[str]:
 
 
 class ImageFolder(Dataset):
-    """`root/<class>/<image>` files as (PIL image, class index); hidden and non-image files are ignored.
+    """`root/<class>/**/<image>` files (`image_files`) as (PIL image, class index); hidden and non-image files are
+    ignored.
 
     Every image is decoded once here, so a bad file stops the run before training with its name, or
     with `skip_bad_images` is left out and listed in the log (`skipped`); with `checked_dir`, only the first time
@@ -255,14 +272,7 @@ class ImageFolder(Dataset):
                 "every split needs the same class folders"
             )
         self.classes = found
-        files = {
-            name: sorted(
-                p
-                for p in (self.root / name).iterdir()
-                if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            for name in found
-        }
+        files = {name: list(image_files(self.root / name)) for name in found}
         every = [path for of_class in files.values() for path in of_class]
         self.skipped = unreadable(every, self.root, skip_bad_images, checked_dir)
         self.samples: list[tuple[Path, int]] = []
