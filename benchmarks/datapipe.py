@@ -2,12 +2,16 @@
 
     python -m benchmarks.datapipe                        # seefood512 (full-res JPEG) and CIFAR-10 (32 px) at 224 px
     python -m benchmarks.datapipe --sizes 128 224 --cifar-per-class 200
+    python -m benchmarks.datapipe --photos 40 --models   # + 80 seefood512 photos enlarged to 12 MP, no model rates
 
 Every variant reads the training split with d2l's training transform (RandomResizedCrop + flip +
 normalise) at the given size and yields float batches (32 images), as the model gets them:
 
-- `project`: the project's dataset and transforms (PIL decode via `read_rgb`, then the transforms on
-  the uint8 tensor);
+- `project`: the project's dataset and transforms (PIL decode via `read_rgb`, a JPEG at the smallest DCT
+  scale that `decode_side` allows, then the transforms on the uint8 tensor);
+- `project, full decode`: the same with every JPEG decoded whole (the project before decode_side);
+- `eval` and `eval, full decode`: the eval transform (resize, centre crop, normalise: validation, test,
+  predict.py), the project's decode and the whole one;
 - `PIL transforms`: the same decode, the transforms on the PIL image (the transform order before);
 - `decode_jpeg`: torchvision.io.decode_jpeg (RGB) instead of PIL, tensor transforms;
 - `PIL draft`: PIL's JPEG draft mode (DCT downscaling to at least the output size), tensor transforms;
@@ -36,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -48,7 +53,7 @@ from benchmarks.strategies import cifar10_subset
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder, read_rgb
 from finetune.data.store import DeviceAugment, StoredCrops, StoredImages, collate_crops
-from finetune.data.transforms import NormalizeBatch, train_transform
+from finetune.data.transforms import NormalizeBatch, decode_side, eval_transform, train_transform
 from finetune.models import timm_backbone, torchvision_backbone
 from finetune.models.backbones import IMAGENET_MEAN, IMAGENET_STD, InputConfig
 
@@ -91,6 +96,22 @@ def pil_draft(size: int) -> Callable[[Path], Image.Image]:
             return image.convert("RGB")
 
     return decode
+
+
+def enlarged(folder: Path, per_class: int, long_side: int, out: Path) -> Path:
+    """The first `per_class` photos of each class of `folder` enlarged to `long_side` px, with a little noise (a
+    sensor's; JPEG decoding slows with detail), as JPEGs of quality 90: a stand-in for a phone's 12 MP photos."""
+    rng, photos = np.random.default_rng(0), ImageFolder(folder)
+    for label, name in enumerate(photos.classes):
+        (out / name).mkdir(parents=True)
+        for path in [path for path, of in photos.samples if of == label][:per_class]:
+            image = read_rgb(path)
+            scale = long_side / max(image.size)
+            size = [round(side * scale) for side in image.size]
+            pixels = np.asarray(image.resize(size, Image.Resampling.BICUBIC))
+            noisy = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(out / name / path.name, quality=90)
+    return out
 
 
 def crop_at_source(source_size: int) -> v2.Compose:
@@ -147,7 +168,7 @@ def variants(
     folder: ImageFolder, size: int, tiny_source: int | None, store_dir: Path
 ) -> dict[str, tuple[Dataset, Callable | None]]:
     config = InputConfig(size)
-    project = train_transform(config)
+    project, evaluated = train_transform(config), eval_transform(config)
     start = time.perf_counter()
     stored = StoredImages.of(folder, None, config, store_dir)
     seconds = time.perf_counter() - start
@@ -159,9 +180,13 @@ def variants(
     def normalized(batch: list[torch.Tensor]) -> torch.Tensor:
         return normalize(batch)[0]
 
+    training = folder.decoded_at_least(decode_side(config, "d2l"))  # as ImageFolderDataModule reads the splits
     found = {
-        "project": (Transformed(folder, everything, project), None),
-        "project, uint8 batches": (Transformed(folder, everything, uint8), normalized),
+        "project": (Transformed(training, everything, project), None),
+        "project, full decode": (Decoded(folder, read_rgb, project), None),
+        "eval": (Transformed(folder.decoded_at_least(decode_side(config)), everything, evaluated), None),
+        "eval, full decode": (Decoded(folder, read_rgb, evaluated), None),
+        "project, uint8 batches": (Transformed(training, everything, uint8), normalized),
         "PIL transforms": (Decoded(folder, read_rgb, pil_transforms(size)), None),
         "decode_jpeg": (Decoded(folder, decode_jpeg_rgb, project), None),
         "PIL draft": (Decoded(folder, pil_draft(size), project), None),
@@ -185,6 +210,8 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     parser.add_argument("--workers", type=int, default=2, help="the default: min(8, cores)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=["resnet18", "tf_efficientnet_lite0"])
+    parser.add_argument("--photos", type=int, default=0, help="+ this many seefood512 photos per class, enlarged")
+    parser.add_argument("--photo-side", type=int, default=4032, help="their long side: 4032 x 3024 = 12 MP")
     args = parser.parse_args(argv)
 
     print(f"# Data pipeline, batches of {args.batch_size}: {machine()}\n", flush=True)
@@ -196,8 +223,11 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
             else cifar10_subset(args.cifar, Path("/tmp") / f"cifar10-{args.cifar_per_class}-0", args.cifar_per_class, 0)
         )
         sources.append(("cifar10 (32 px)", cifar / "train", 32))
-    rows = []
     store_dir = Path(tempfile.mkdtemp(prefix="datapipe-store-"))
+    if args.photos:
+        photos = enlarged(args.seefood / "train", args.photos, args.photo_side, store_dir / "photos")
+        sources.append((f"seefood512 at {args.photo_side} px", photos, None))
+    rows = []
     for size in args.sizes:
         for source, folder_path, tiny in sources:
             folder = ImageFolder(folder_path)

@@ -255,11 +255,17 @@ def test_datapipe_benchmark_runs(tmp_path):
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(folder / f"{i}.jpg")
     args = ["--seefood", str(tmp_path / "photos"), "--cifar", str(tmp_path / "tiny"), "--sizes", "48"]
+    args += ["--photos", "4", "--photo-side", "400"]
     rows = datapipe.main([*args, "--batch-size", "2", "--rounds", "1", "--workers", "0", "--models"])
-    uint8 = ["project", "project, uint8 batches"], ["store", "store, uint8 batches", "store, batch crop"]
-    pipelines = [*uint8[0], "PIL transforms", "decode_jpeg", "PIL draft", "batch resize", *uint8[1]]
-    assert [row[2] for row in rows[-9:]] == pipelines
-    assert [row[2] for row in rows[:8]] == [*pipelines[:5], *pipelines[6:]]  # no batch resize of photos
+    pipelines = ["project", "project, full decode", "eval", "eval, full decode", "project, uint8 batches"]
+    pipelines += ["PIL transforms", "decode_jpeg", "PIL draft"]
+    stored = ["store", "store, uint8 batches", "store, batch crop"]
+    found = {source: [row[2] for row in rows if row[0] == source] for source, *_ in rows}
+    assert found == {  # no batch resize of photos
+        "seefood512": [*pipelines, *stored],
+        "cifar10 (32 px)": [*pipelines, "batch resize", *stored],
+        "seefood512 at 400 px": [*pipelines, *stored],
+    }
     assert all(row[3] > 0 and row[4] > 0 for row in rows)
 
 

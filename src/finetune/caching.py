@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.data.datamodule import ImageFolderDataModule, Transformed
+from finetune.data.images import ImageFolder
 from finetune.data.sampling import Seeded, augmentation_seeds
 from finetune.data.store import StoredImages
 from finetune.errors import ConfigError
@@ -75,9 +76,10 @@ def _sample_bytes(dataset: Dataset, index: int) -> bytes:
 
 def split_key(backbone: str, split: Transformed, extra: str = "") -> str:
     """The key of one cached split: the backbone's key, the transform, the decoded store the images come from
-    (its square differs from the file), every sample in order, and `extra`."""
+    (its square differs from the file) or the size the files are decoded to, every sample in order, and `extra`."""
     store = split.dataset.file.stem if isinstance(split.dataset, StoredImages) else ""
-    digest = hashlib.sha256(f"{FORMAT}|{backbone}|{split.transform!r}|{store}|{extra}".encode())
+    decoded = split.dataset.at_least if isinstance(split.dataset, ImageFolder) else None
+    digest = hashlib.sha256(f"{FORMAT}|{backbone}|{split.transform!r}|{store}|{decoded}|{extra}".encode())
     for index in split.indices:
         digest.update(hashlib.sha256(_sample_bytes(split.dataset, index)).digest())
     return digest.hexdigest()

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from finetune.analysis import softmax_probs
 from finetune.config import CONFIG_DIR
-from finetune.data.transforms import eval_transform
+from finetune.data.transforms import decode_side, eval_transform
 from finetune.errors import ConfigError, MissingPackageError, exit_on_user_error
 from finetune.models.module import FineTuneModule
 from finetune.predict import default_device, load_image
@@ -68,7 +68,7 @@ def classifier(model: FineTuneModule, device: torch.device) -> Callable[[str | N
     def classify(path: str | None) -> dict[str, float]:
         if path is None:  # Submit before an image was dropped
             raise import_gradio().Error("Drop an image first")
-        _, image, error = load_image(path, transform)
+        _, image, error = load_image(path, transform, decode_side(model.input_config))
         if image is None:
             raise import_gradio().Error(f"The image cannot be read: {error}")
         with torch.inference_mode():

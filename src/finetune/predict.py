@@ -31,7 +31,7 @@ from finetune.analysis import check_tta, tta_logits
 from finetune.builders import rebuild
 from finetune.config import CONFIG_DIR
 from finetune.data.images import ImageReadError, image_files, is_image_file, read_rgb
-from finetune.data.transforms import eval_transform
+from finetune.data.transforms import decode_side, eval_transform
 from finetune.errors import ConfigError, MissingFileError, exit_on_user_error
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -63,10 +63,11 @@ class ImagePaths:
             yield from (p for p in map(Path, matches) if p.is_file() and is_image_file(p))
 
 
-def load_image(path: str | os.PathLike, transform: Transform) -> Item:
-    """(path, transform(image), "") or, for a file that cannot be decoded, (path, None, reason)."""
+def load_image(path: str | os.PathLike, transform: Transform, at_least: int | None = None) -> Item:
+    """(path, transform(image), "") or, for a file that cannot be decoded, (path, None, reason); `at_least`: the
+    short side the transform needs (`decode_side`), as the test split is read."""
     try:
-        image = read_rgb(path)
+        image = read_rgb(path, at_least)
     except ImageReadError as err:
         cause = err.__cause__ or err
         return str(path), None, f"{type(cause).__name__}: {cause}"
@@ -76,15 +77,15 @@ def load_image(path: str | os.PathLike, transform: Transform) -> Item:
 class ImageFiles(IterableDataset):
     """`load_image` of each path, in order; with DataLoader workers, worker w of n takes paths w, w+n, ..."""
 
-    def __init__(self, paths: Iterable[str | os.PathLike], transform: Transform):
-        self.paths, self.transform = paths, transform
+    def __init__(self, paths: Iterable[str | os.PathLike], transform: Transform, at_least: int | None = None):
+        self.paths, self.transform, self.at_least = paths, transform, at_least
 
     def __iter__(self) -> Iterator[Item]:
         worker = get_worker_info()
         paths = (
             iter(self.paths) if worker is None else itertools.islice(self.paths, worker.id, None, worker.num_workers)
         )
-        return (load_image(path, self.transform) for path in paths)
+        return (load_image(path, self.transform, self.at_least) for path in paths)
 
 
 def collate(items: list[Item]) -> tuple[list[str], list[str], torch.Tensor | None]:
@@ -154,17 +155,19 @@ def predict(
     num_workers: int = 0,
     tta: str = "none",
     progress: bool = True,
+    at_least: int | None = None,
 ) -> PredictionSummary:
     """Classifies every path in batches on `device` (default: cuda if available), writing one CSV row per file as
     its batch finishes: path, the prediction's cells (`TopK`, or for a multi-label model `AboveThreshold`), error.
-    Moves `model` to `device` and puts it in eval mode."""
+    Each file is decoded to at least `at_least` px on its short side (`load_image`). Moves `model` to `device` and
+    puts it in eval mode."""
     if meta.get("multilabel") and tta != "none":
         raise ConfigError(f"predict.tta={tta} averages softmax predictions: for single-label models only")
     rows = AboveThreshold(meta) if meta.get("multilabel") else TopK(meta, top_k)
     device = torch.device(device) if device is not None else default_device()
     model.eval().to(device)
     loader = DataLoader(
-        ImageFiles(paths, transform),
+        ImageFiles(paths, transform, at_least),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate,
@@ -219,6 +222,7 @@ def predict_files(cfg: DictConfig) -> PredictionSummary:
         output_csv=output,
         num_workers=options.num_workers,
         tta=tta,
+        at_least=decode_side(model.input_config),
     )
     counts = ", ".join(f"{name} {count}" for name, count in summary.per_class.items())
     print(f"Predicted {summary.images - summary.errors} of {summary.images} files: {counts}")

@@ -27,6 +27,7 @@ from finetune.data.transforms import (
     NormalizeBatch,
     augmentation_name,
     batch_transform,
+    decode_side,
     eval_transform,
     train_transform,
 )
@@ -127,6 +128,12 @@ class Transformed(Dataset):
     def labels(self) -> list[Label]:
         """Every sample's label (`read_labels`)."""
         return read_labels(self.dataset, self.indices)
+
+
+def decoded_at_least(split: Dataset, side: int) -> Dataset:
+    """Image files read at the smallest JPEG scale whose short side is still `side` (`ImageFolder.decoded_at_least`);
+    a store or decoded arrays as they are."""
+    return split.decoded_at_least(side) if isinstance(split, ImageFolder) else split
 
 
 def default_num_workers() -> int:
@@ -260,12 +267,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         train, test = (self.stored(self.read_split(split)) for split in ("train", "test"))
         training, validation = self.split_train(train)
         self.validates_on_test = not validation
+        augmented, evaluated = (decode_side(self.input_config, augment) for augment in (self.augment, "none"))
         self.datasets = {
-            "train": Transformed(train, training, self.train_transform),
-            "val": Transformed(train, validation, self.eval_transform)
+            "train": Transformed(decoded_at_least(train, augmented), training, self.train_transform),
+            "val": Transformed(decoded_at_least(train, evaluated), validation, self.eval_transform)
             if validation
-            else Transformed(test, range(len(test)), self.eval_transform),
-            "test": Transformed(test, range(len(test)), self.eval_transform),
+            else Transformed(decoded_at_least(test, evaluated), range(len(test)), self.eval_transform),
+            "test": Transformed(decoded_at_least(test, evaluated), range(len(test)), self.eval_transform),
         }
         self._log_class_counts()
         if self.drop_last and len(self.datasets["train"]) < self.batch_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -60,21 +61,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _decode(path: str | Path, reduced: bool = False) -> Image.Image:
+def _decode(path: str | Path, reduced: bool = False, at_least: int | None = None) -> Image.Image:
     """The image upright: phones and cameras store photos as the sensor saw them, with an EXIF orientation
     that viewers apply; the scan (`reduced`) applies it too, so it fails wherever the full read would."""
     with _open(path) as image:
-        if reduced:
-            image.draft(None, (1, 1))  # JPEG only: decode at 1/8 size, which still reads every byte
+        if (
+            reduced or at_least
+        ):  # JPEG only: decoded at 1/2, 1/4 or 1/8 size (1/8, the smallest, still reads every byte)
+            image.draft(None, (at_least or 1, at_least or 1))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
 
 
-def read_rgb(path: str | Path) -> Image.Image:
-    """Decodes any PIL-readable image to 3-channel 8-bit RGB (see `to_rgb`), turned upright by its EXIF orientation."""
+def read_rgb(path: str | Path, at_least: int | None = None) -> Image.Image:
+    """Decodes any PIL-readable image to 3-channel 8-bit RGB (see `to_rgb`), turned upright by its EXIF orientation.
+
+    `at_least`: the short side the transform that follows needs (`finetune.data.transforms.decode_side`); a JPEG
+    is decoded at the smallest DCT scale that keeps it (libjpeg scales in the frequency domain, before the pixels
+    exist): a 12 MP photo read for a 256 px resize is decoded at 1/8 size, 10x faster (BENCHMARKS.md)."""
     try:
-        return _decode(path)
+        return _decode(path, at_least=at_least)
     except Exception as err:
         raise ImageReadError(f"Cannot read image {path}: {type(err).__name__}: {err}") from err
 
@@ -256,6 +263,8 @@ class ImageFolder(Dataset):
     for the same files (`checked_once`).
     """
 
+    at_least: int | None = None  # the short side `read_rgb` decodes to at least (`decoded_at_least`); None: full size
+
     def __init__(
         self,
         root: str | Path,
@@ -286,9 +295,15 @@ class ImageFolder(Dataset):
             self.samples += [(p, index) for p in good]
         self.targets = [label for _, label in self.samples]
 
+    def decoded_at_least(self, side: int) -> ImageFolder:
+        """The same images (the same lists, not copied), read with `read_rgb(path, at_least=side)`."""
+        view = copy.copy(self)
+        view.at_least = side
+        return view
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return read_rgb(path), label
+        return read_rgb(path, self.at_least), label

@@ -34,13 +34,13 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
 from finetune.data.images import ImageFolder, files_key, forked_map, one_at_a_time, per_core, read_rgb
-from finetune.data.transforms import NormalizeBatch
+from finetune.data.transforms import NormalizeBatch, resized_from
 from finetune.errors import ConfigError
 from finetune.models.backbones import InputConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = "finetune-store-v2"  # part of every key: a changed layout never reads an old file
+FORMAT = "finetune-store-v3"  # part of every key: a changed layout (or decoding: v3) never reads an old file
 
 
 def store_key(paths: Sequence[Path], size: int | None, config: InputConfig) -> str:
@@ -62,7 +62,7 @@ def default_side(paths: Sequence[Path], resize: int) -> int:
 
 def _resized(path: Path, side: int, interpolation: InterpolationMode) -> np.ndarray:
     """One image as the eval transform starts: (3, h, w) uint8, its short side resized to `side` (antialiased)."""
-    image = TF.pil_to_tensor(read_rgb(path))
+    image = TF.pil_to_tensor(read_rgb(path, at_least=resized_from(side)))
     return TF.resize(image, [side], interpolation=interpolation, antialias=True).numpy()
 
 

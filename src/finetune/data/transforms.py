@@ -10,6 +10,7 @@ there (`NormalizeBatch`): the loader's workers hand over uint8 images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,6 +53,32 @@ def _eval_resize_and_crop(config: InputConfig) -> list[v2.Transform]:
     return [resize, v2.CenterCrop(config.image_size)]
 
 
+def _random_crop(config: InputConfig) -> v2.RandomResizedCrop:
+    """d2l's crop: torchvision's default area (8 % to all of the image) and aspect-ratio (3/4 to 4/3) ranges."""
+    interpolation = InterpolationMode(config.interpolation)
+    return v2.RandomResizedCrop(config.image_size, interpolation=interpolation, antialias=True)
+
+
+def resized_from(side: int) -> int:
+    """The short side to decode an image to (`read_rgb`'s `at_least`) before an antialiased resize to `side`:
+    twice it, so that the resize still does the last halving at least. A 12 MP JPEG resized to 256 px: decoded at
+    1/4 size, 5-8x faster than whole and within 0.6 uint8 levels of it on average; at the 1/8 that `side` alone
+    allows, 2 levels (BENCHMARKS.md)."""
+    return 2 * side
+
+
+def decode_side(config: InputConfig, augment: str | bool = "none") -> int:
+    """The short side an image is decoded to at least (`read_rgb`'s `at_least`) for the transform: the eval
+    resize's `resized_from`, or for `train_transform`'s random crop the size over the side of its smallest crop
+    (the smallest area at the narrowest aspect ratio: 0.245 of the short side, so 915 px for 224), so that no crop
+    is ever enlarged; the crops are as often and as wide, each shrunk from fewer pixels."""
+    if augmentation_name(augment) == "none":
+        return resized_from(config.resize)
+    crop = _random_crop(config)
+    narrowest = min(crop.ratio[0], 1 / crop.ratio[1])
+    return math.ceil(config.image_size / math.sqrt(crop.scale[0] * narrowest))
+
+
 def train_transform(
     config: InputConfig, augment: str | bool = "d2l", random_erasing: float = 0.0, normalize: bool = True
 ) -> v2.Compose:
@@ -61,8 +88,7 @@ def train_transform(
     name = augmentation_name(augment)
     if name == "none":
         return _pipeline(config, *_eval_resize_and_crop(config), erasing=random_erasing, normalize=normalize)
-    interpolation = InterpolationMode(config.interpolation)
-    crop = v2.RandomResizedCrop(config.image_size, interpolation=interpolation, antialias=True)
+    crop = _random_crop(config)
     policy = POLICIES[name]
     # bilinear as torchvision's references: on tensors the policies' warps take only nearest or bilinear
     policies = [policy(interpolation=InterpolationMode.BILINEAR)] if policy else []

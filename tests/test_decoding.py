@@ -1,0 +1,77 @@
+"""Large JPEGs decoded at the smallest DCT scale that the transforms still need (`decode_side`, `read_rgb`'s
+`at_least`): a phone's 12 MP photo is decoded at 1/4 size for evaluation and at 1/2 for training, to nearly the
+pixels of the full decode, and the same way by the test split, predict.py and the demo."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.images import read_rgb
+from finetune.data.transforms import decode_side, eval_transform
+from finetune.models import InputConfig
+from finetune.predict import load_image
+from tests.helpers import make_image_folder
+
+CONFIG = InputConfig(224)  # resized to 256, the centre 224 cropped
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4032x3024 JPEG, as a phone stores a 12 MP photo: coarse detail, smooth between."""
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (189, 252, 3), dtype=np.uint8))
+    path = tmp_path_factory.mktemp("photo") / "photo.jpg"
+    coarse.resize((4032, 3024), Image.Resampling.BICUBIC).save(path, quality=90)
+    return path
+
+
+def test_every_random_crop_of_an_image_with_the_decode_side_is_shrunk_never_enlarged():
+    """d2l's RandomResizedCrop(224) takes 8 % to all of the area at aspect ratios 3/4 to 4/3: its smallest crop
+    has 0.245 of the short side, so an image needs 915 px for every crop to be at least 224 px on both sides."""
+    side = decode_side(CONFIG, "d2l")
+    assert side == 915 and decode_side(CONFIG, "trivialaugment") == side and decode_side(CONFIG) == 2 * 256
+    crop = v2.RandomResizedCrop(224)  # torchvision's ranges, as the presets use
+    torch.manual_seed(0)
+    for height, width in ((side, side), (side, side * 4 // 3), (side * 2, side)):
+        crops = [crop.make_params([torch.empty(3, height, width)]) for _ in range(3000)]
+        assert min(min(params["height"], params["width"]) for params in crops) >= 224
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_side(photo, tmp_path):
+    assert read_rgb(photo).size == (4032, 3024)
+    for at_least, size in ((256, (504, 378)), (915, (2016, 1512)), (3024, (4032, 3024)), (5000, (4032, 3024))):
+        assert read_rgb(photo, at_least).size == size, at_least
+    Image.open(photo).save(tmp_path / "photo.png")  # not a JPEG: read whole
+    assert read_rgb(tmp_path / "photo.png", 256).size == (4032, 3024)
+
+
+def test_evaluation_sees_nearly_the_pixels_of_the_full_decode(photo):
+    """Decoded at twice the resize (1/4 size here), the antialiased resize halves it again: close to the full
+    decode. At the 1/8 the resize alone allows it would be 2 levels off on average, up to 12."""
+    transform = eval_transform(CONFIG)
+    full, drafted = transform(read_rgb(photo)), transform(read_rgb(photo, decode_side(CONFIG)))
+    levels = (full - drafted).abs() * torch.tensor(CONFIG.std).view(3, 1, 1) * 255  # in uint8 levels
+    assert levels.mean() < 1.0 and levels.max() <= 6  # measured: 0.57, at most 4
+
+
+def test_the_splits_predict_py_and_the_demo_read_a_photo_as_their_transform_needs(photo, tmp_path):
+    make_image_folder(tmp_path, train=4, test=2)
+    for split in ("train", "test"):
+        shutil.copy(photo, tmp_path / split / "red" / "photo.jpg")
+    data = ImageFolderDataModule(CONFIG, tmp_path, val_fraction=0.25, num_workers=0)
+    data.setup()
+    sides = {split: dataset.dataset.at_least for split, dataset in data.datasets.items()}
+    assert sides == {"train": 915, "val": 512, "test": 512}
+    test = data.datasets["test"]
+    position = [path.name for path, _ in test.dataset.samples].index("photo.jpg")
+    assert test.image(position).size == (1008, 756)
+    _, predicted, _ = load_image(photo, eval_transform(CONFIG), decode_side(CONFIG))  # predict.py's and the demo's
+    assert torch.equal(predicted, test[position][0])
