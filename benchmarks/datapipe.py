@@ -2,7 +2,7 @@
 
     python -m benchmarks.datapipe                        # seefood512 (full-res JPEG) and CIFAR-10 (32 px) at 224 px
     python -m benchmarks.datapipe --sizes 128 224 --cifar-per-class 200
-    python -m benchmarks.datapipe --photos 40 --models   # + 80 seefood512 photos enlarged to 12 MP, no model rates
+    python -m benchmarks.datapipe --photos 100 --batch-size 16 --models  # + 200 seefood512 photos at 12 MP
 
 Every variant reads the training split with d2l's training transform (RandomResizedCrop + flip +
 normalise) at the given size and yields float batches (32 images), as the model gets them:
@@ -26,6 +26,9 @@ normalise) at the given size and yields float batches (32 images), as the model 
 - `store, batch crop`: the stored squares with each sample's crop box and flip drawn in the workers, the
   crop, resize, flip and normalisation as one batch op in the main process (what a GPU does with
   `data.augment_on=auto`; on this CPU its cost is inside the timing).
+
+For each source it first prints how far the eval transform's images move when the JPEGs are decoded at
+`decode_side` instead of whole (mean and largest difference, in uint8 levels).
 
 Against these, the model's training step rate at the same size on this CPU (ResNet-18 and
 EfficientNet-Lite0, the same batch size, forward + backward + SGD step, channels-last off) says how many workers
@@ -112,6 +115,17 @@ def enlarged(folder: Path, per_class: int, long_side: int, out: Path) -> Path:
             noisy = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
             Image.fromarray(noisy).save(out / name / path.name, quality=90)
     return out
+
+
+def eval_difference(folder: ImageFolder, config: InputConfig) -> tuple[float, float, float]:
+    """How far the eval transform's images of `folder` move when each JPEG is decoded at `decode_side` instead of
+    whole, in uint8 levels: the mean absolute difference, the share of values more than 8 levels off, the largest."""
+    transform, decoded = eval_transform(config), folder.decoded_at_least(decode_side(config))
+    std = torch.tensor(config.std).view(3, 1, 1) * 255
+    differences = [(transform(decoded[i][0]) - transform(folder[i][0])).abs() * std for i in range(len(folder))]
+    values = sum(d.numel() for d in differences)
+    mean = sum(d.sum().item() for d in differences) / values
+    return mean, sum((d > 8).sum().item() for d in differences) / values, max(d.max().item() for d in differences)
 
 
 def crop_at_source(source_size: int) -> v2.Compose:
@@ -231,6 +245,12 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     for size in args.sizes:
         for source, folder_path, tiny in sources:
             folder = ImageFolder(folder_path)
+            mean, beyond, largest = eval_difference(folder, InputConfig(size))
+            print(
+                f"{source}, eval transform at {size} px, decode_side's decode against the whole: {mean:.2f} uint8 "
+                f"levels on average, {100 * beyond:.3f} % of values more than 8 levels off, {largest:.0f} at most",
+                flush=True,
+            )
             for variant, (dataset, after) in variants(folder, size, tiny, store_dir).items():
                 collate = collate_crops if isinstance(dataset, StoredCrops) else None
                 per_worker = loader_rate(dataset, args.batch_size, 1, args.rounds, after, collate)

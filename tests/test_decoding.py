@@ -51,13 +51,19 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_the_side(photo
         assert read_rgb(photo, at_least).size == size, at_least
     Image.open(photo).save(tmp_path / "photo.png")  # not a JPEG: read whole
     assert read_rgb(tmp_path / "photo.png", 256).size == (4032, 3024)
+    for size, decoded in (((1210, 1000), (605, 500)), ((1211, 1000), (1211, 1000))):
+        Image.open(photo).resize(size).save(tmp_path / "cropped.jpg")  # sides that 1/4, 1/8 (or 1/2) leave a part of
+        assert read_rgb(tmp_path / "cropped.jpg", 256).size == decoded
 
 
-def test_evaluation_sees_nearly_the_pixels_of_the_full_decode(photo):
+@pytest.mark.parametrize("size", [(4032, 3024), (2410, 4032)], ids=["12MP", "cropped"])
+def test_evaluation_sees_nearly_the_pixels_of_the_full_decode(photo, tmp_path, size):
     """Decoded at twice the resize (1/4 size here), the antialiased resize halves it again: close to the full
-    decode. At the 1/8 the resize alone allows it would be 2 levels off on average, up to 12."""
+    decode. A cropped photo whose sides 1/4 would leave a part of is decoded at 1/2: its 1/4 (603x1008) would
+    resize to 427 px instead of 428, and move the crop by half a pixel (54 levels off at edges, measured)."""
+    Image.open(photo).resize(size).save(tmp_path / "photo.jpg", quality=90)
     transform = eval_transform(CONFIG)
-    full, drafted = transform(read_rgb(photo)), transform(read_rgb(photo, decode_side(CONFIG)))
+    full, drafted = (transform(read_rgb(tmp_path / "photo.jpg", side)) for side in (None, decode_side(CONFIG)))
     levels = (full - drafted).abs() * torch.tensor(CONFIG.std).view(3, 1, 1) * 255  # in uint8 levels
     assert levels.mean() < 1.0 and levels.max() <= 6  # measured: 0.57, at most 4
 
@@ -75,3 +81,19 @@ def test_the_splits_predict_py_and_the_demo_read_a_photo_as_their_transform_need
     assert test.image(position).size == (1008, 756)
     _, predicted, _ = load_image(photo, eval_transform(CONFIG), decode_side(CONFIG))  # predict.py's and the demo's
     assert torch.equal(predicted, test[position][0])
+
+
+def test_the_store_keeps_the_pixels_the_eval_transform_reads_from_the_photo(photo, tmp_path):
+    """The store decodes each image once as the eval transform reads it (`resized_from` its resize): a stored photo
+    evaluates to the same pixels as the file."""
+    make_image_folder(tmp_path / "images", train=4, test=2)
+    shutil.copy(photo, tmp_path / "images" / "test" / "red" / "photo.jpg")
+    tests = []
+    for store in (False, True):
+        data = ImageFolderDataModule(CONFIG, tmp_path / "images", num_workers=0, store=store, store_dir=tmp_path)
+        data.setup()
+        tests.append(data.datasets["test"])
+    files, stored = tests
+    position = [path.name for path, _ in files.dataset.samples].index("photo.jpg")
+    assert stored.dataset.side == 256
+    torch.testing.assert_close(stored[position][0], files[position][0], rtol=0, atol=0)

@@ -42,7 +42,8 @@ class ImageReadError(DataError):
 def _open(path: str | Path) -> Image.Image:
     """Opens an image, refusing sizes above PIL's decompression-bomb limit (PIL only warns up to twice it)."""
     image = Image.open(path)
-    if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+    limit = Image.MAX_IMAGE_PIXELS  # None: the check switched off, as PIL allows
+    if limit is not None and image.width * image.height > limit:
         image.close()
         raise Image.DecompressionBombError(
             f"{image.width}x{image.height} px is more than PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}"
@@ -61,14 +62,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _reduction(size: tuple[int, int], at_least: int) -> int:
+    """The largest JPEG DCT scaling 1/k (k = 8, 4, 2) that keeps the short side at `at_least` or more and divides
+    both sides: the smaller image then covers exactly the whole one (no partial block, which would shift a resize
+    of it by a fraction of a pixel: 2410x4032 at 1/4 is 603x1008); 1 for none."""
+    width, height = size
+    return next((k for k in (8, 4, 2) if width % k == height % k == 0 and min(size) // k >= at_least), 1)
+
+
 def _decode(path: str | Path, reduced: bool = False, at_least: int | None = None) -> Image.Image:
     """The image upright: phones and cameras store photos as the sensor saw them, with an EXIF orientation
     that viewers apply; the scan (`reduced`) applies it too, so it fails wherever the full read would."""
     with _open(path) as image:
-        if (
-            reduced or at_least
-        ):  # JPEG only: decoded at 1/2, 1/4 or 1/8 size (1/8, the smallest, still reads every byte)
-            image.draft(None, (at_least or 1, at_least or 1))
+        if reduced:  # JPEG only: decoded at 1/8 size, which still reads every byte
+            image.draft(None, (1, 1))
+        elif at_least and (k := _reduction(image.size, at_least)) > 1:  # JPEG only (others: a no-op)
+            image.draft(None, (image.width // k, image.height // k))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return to_rgb(image)
