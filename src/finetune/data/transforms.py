@@ -61,9 +61,8 @@ def _random_crop(config: InputConfig) -> v2.RandomResizedCrop:
 
 def resized_from(side: int) -> int:
     """The short side to decode an image to (`read_rgb`'s `at_least`) before an antialiased resize to `side`:
-    twice it, so that the resize still does the last halving at least. A 12 MP JPEG resized to 256 px: decoded at
-    1/4 size, 5-8x faster than whole and within 0.6 uint8 levels of it on average; at the 1/8 that `side` alone
-    allows, 2 levels (BENCHMARKS.md)."""
+    twice it, so that the resize still does the last halving at least: a 12 MP JPEG resized to 256 px is decoded
+    at 1/4 size, and its eval image stays within 0.2 uint8 levels of the whole decode's on average (BENCHMARKS.md)."""
     return 2 * side
 
 
