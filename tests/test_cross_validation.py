@@ -61,7 +61,7 @@ def test_each_fold_validates_once_and_trains_on_the_rest(images):
         data = fold_data(images, fold)
         train, val = data.datasets["train"].indices, data.datasets["val"].indices
         assert not set(train) & set(val) and len(train) + len(val) == total
-        assert data.datasets["val"].dataset is data.datasets["train"].dataset  # from train, not the test split
+        assert data.datasets["val"].dataset.samples is data.datasets["train"].dataset.samples  # train's, not test's
         assert not data.validates_on_test
         for name, count in zip(data.classes, data.class_counts("val"), strict=True):  # each class's share kept
             assert math.floor(TRAIN[name] / 3) <= count <= math.ceil(TRAIN[name] / 3), (fold, name)
