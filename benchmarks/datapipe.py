@@ -2,7 +2,7 @@
 
     python -m benchmarks.datapipe                        # seefood512 (full-res JPEG) and CIFAR-10 (32 px) at 224 px
     python -m benchmarks.datapipe --sizes 128 224 --cifar-per-class 200
-    python -m benchmarks.datapipe --photos 100 --batch-size 16 --models  # + 200 seefood512 photos at 12 MP
+    python -m benchmarks.datapipe --photos 200 --batch-size 16 --models  # + 200 seefood512 photos at 12 MP
 
 Every variant reads the training split with d2l's training transform (RandomResizedCrop + flip +
 normalise) at the given size and yields float batches (32 images), as the model gets them:
@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -51,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
-from benchmarks._common import DATASETS, benchmark_parser, machine, median, table
+from benchmarks._common import DATASETS, benchmark_parser, machine, make_photos, median, table
 from benchmarks.strategies import cifar10_subset
 from finetune.data.datamodule import Transformed
 from finetune.data.images import ImageFolder, read_rgb
@@ -99,22 +98,6 @@ def pil_draft(size: int) -> Callable[[Path], Image.Image]:
             return image.convert("RGB")
 
     return decode
-
-
-def enlarged(folder: Path, per_class: int, long_side: int, out: Path) -> Path:
-    """The first `per_class` photos of each class of `folder` enlarged to `long_side` px, with a little noise (a
-    sensor's; JPEG decoding slows with detail), as JPEGs of quality 90: a stand-in for a phone's 12 MP photos."""
-    rng, photos = np.random.default_rng(0), ImageFolder(folder)
-    for label, name in enumerate(photos.classes):
-        (out / name).mkdir(parents=True)
-        for path in [path for path, of in photos.samples if of == label][:per_class]:
-            image = read_rgb(path)
-            scale = long_side / max(image.size)
-            size = [round(side * scale) for side in image.size]
-            pixels = np.asarray(image.resize(size, Image.Resampling.BICUBIC))
-            noisy = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(noisy).save(out / name / path.name, quality=90)
-    return out
 
 
 def eval_difference(folder: ImageFolder, config: InputConfig) -> tuple[float, float, float]:
@@ -224,7 +207,7 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
     parser.add_argument("--workers", type=int, default=2, help="the default: min(8, cores)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", nargs="*", default=["resnet18", "tf_efficientnet_lite0"])
-    parser.add_argument("--photos", type=int, default=0, help="+ this many seefood512 photos per class, enlarged")
+    parser.add_argument("--photos", type=int, default=0, help="+ this many seefood512 photos, enlarged")
     parser.add_argument("--photo-side", type=int, default=4032, help="their long side: 4032 x 3024 = 12 MP")
     args = parser.parse_args(argv)
 
@@ -239,8 +222,9 @@ def main(argv: list[str] | None = None) -> list[list[object]]:
         sources.append(("cifar10 (32 px)", cifar / "train", 32))
     store_dir = Path(tempfile.mkdtemp(prefix="datapipe-store-"))
     if args.photos:
-        photos = enlarged(args.seefood / "train", args.photos, args.photo_side, store_dir / "photos")
-        sources.append((f"seefood512 at {args.photo_side} px", photos, None))
+        size = (args.photo_side, args.photo_side * 3 // 4)  # a phone's 4:3
+        make_photos(args.seefood, store_dir / "photos", {"train": args.photos}, size)
+        sources.append((f"seefood512 at {size[0]}x{size[1]} px", store_dir / "photos" / "train", None))
     rows = []
     for size in args.sizes:
         for source, folder_path, tiny in sources:

@@ -255,7 +255,7 @@ def test_datapipe_benchmark_runs(tmp_path):
             for i in range(4):
                 Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(folder / f"{i}.jpg")
     args = ["--seefood", str(tmp_path / "photos"), "--cifar", str(tmp_path / "tiny"), "--sizes", "48"]
-    args += ["--photos", "4", "--photo-side", "400"]
+    args += ["--photos", "8", "--photo-side", "400"]
     rows = datapipe.main([*args, "--batch-size", "2", "--rounds", "1", "--workers", "0", "--models"])
     pipelines = ["project", "project, full decode", "eval", "eval, full decode", "project, uint8 batches"]
     pipelines += ["PIL transforms", "decode_jpeg", "PIL draft"]
@@ -264,7 +264,7 @@ def test_datapipe_benchmark_runs(tmp_path):
     assert found == {  # no batch resize of photos
         "seefood512": [*pipelines, *stored],
         "cifar10 (32 px)": [*pipelines, "batch resize", *stored],
-        "seefood512 at 400 px": [*pipelines, *stored],
+        "seefood512 at 400x300 px": [*pipelines, *stored],
     }
     assert all(row[3] > 0 and row[4] > 0 for row in rows)
 

@@ -89,7 +89,7 @@ def read_rgb(path: str | Path, at_least: int | None = None) -> Image.Image:
     `at_least`: the short side the transform that follows needs (`finetune.data.transforms.decode_side`); a JPEG
     is decoded at the smallest DCT scale that keeps it (libjpeg scales in the frequency domain, before the pixels
     exist, `_reduction`): a 12 MP photo read for the eval transform at 224 px is decoded at 1/4 size, and the
-    loader delivers it 2x faster (BENCHMARKS.md)."""
+    loader delivers it 2.2x faster (BENCHMARKS.md)."""
     try:
         return _decode(path, at_least=at_least)
     except Exception as err:

@@ -62,7 +62,7 @@ def _random_crop(config: InputConfig) -> v2.RandomResizedCrop:
 def resized_from(side: int) -> int:
     """The short side to decode an image to (`read_rgb`'s `at_least`) before an antialiased resize to `side`:
     twice it, so that the resize still does the last halving at least: a 12 MP JPEG resized to 256 px is decoded
-    at 1/4 size, and its eval image stays within 0.2 uint8 levels of the whole decode's on average (BENCHMARKS.md)."""
+    at 1/4 size, and its eval image stays within 0.21 uint8 levels of the whole decode's on average (BENCHMARKS.md)."""
     return 2 * side
 
 
