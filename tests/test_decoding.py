@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from finetune.data import images
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.images import read_rgb
 from finetune.data.transforms import decode_side, eval_transform
 from finetune.models import InputConfig
 from finetune.predict import load_image
-from tests.helpers import make_image_folder
+from finetune.train import train
+from tests.helpers import compose_train, make_image_folder
 
 CONFIG = InputConfig(224)  # resized to 256, the centre 224 cropped
 
@@ -97,3 +99,25 @@ def test_the_store_keeps_the_pixels_the_eval_transform_reads_from_the_photo(phot
     position = [path.name for path, _ in files.dataset.samples].index("photo.jpg")
     assert stored.dataset.side == 256
     torch.testing.assert_close(stored[position][0], files[position][0], rtol=0, atol=0)
+
+
+def test_train_py_with_the_defaults_reads_a_photo_at_its_transforms_sides(photo, tmp_path, monkeypatch, one_thread):
+    """The recommended recipe on pretrained Lite0 (debug=tiny's 32 px: an eval resize of 37 px): the 12 MP photo
+    is read at 1/8 size for training (a 131 px crop side) and for evaluation (74 px), the sides the config
+    gives through the backbone's input config."""
+    make_image_folder(tmp_path / "images", train=4, test=2)
+    for split in ("train", "test"):
+        shutil.copy(photo, tmp_path / "images" / split / "red" / "photo.jpg")
+    read = []
+
+    def recorded(path: Path, at_least: int | None = None):
+        if Path(path).name == "photo.jpg":
+            read.append(at_least)
+        return read_rgb(path, at_least)
+
+    monkeypatch.setattr(images, "read_rgb", recorded)
+    overrides = ["data=imagefolder", f"data.root={tmp_path / 'images'}", "model=efficientnet_lite0", "debug=tiny"]
+    metrics = train(compose_train(tmp_path, [*overrides, "trainer.max_epochs=2", "data.val_fraction=0"]))
+    assert 0 <= metrics["test/acc"] <= 1
+    config = InputConfig(32)
+    assert set(read) == {decode_side(config, "d2l"), decode_side(config)} == {131, 74}

@@ -268,12 +268,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         training, validation = self.split_train(train)
         self.validates_on_test = not validation
         augmented, evaluated = (decode_side(self.input_config, augment) for augment in (self.augment, "none"))
+        tested = Transformed(decoded_at_least(test, evaluated), range(len(test)), self.eval_transform)
         self.datasets = {
             "train": Transformed(decoded_at_least(train, augmented), training, self.train_transform),
             "val": Transformed(decoded_at_least(train, evaluated), validation, self.eval_transform)
             if validation
-            else Transformed(decoded_at_least(test, evaluated), range(len(test)), self.eval_transform),
-            "test": Transformed(decoded_at_least(test, evaluated), range(len(test)), self.eval_transform),
+            else tested,
+            "test": tested,
         }
         self._log_class_counts()
         if self.drop_last and len(self.datasets["train"]) < self.batch_size:
