@@ -99,7 +99,8 @@ def test_the_documented_debug_command_runs(tmp_path):
     assert "Test accuracy:" in result.output and not list((tmp_path / "logs").rglob("*.ckpt"))
     # The console a user reads: none of Lightning's notices they can do nothing about, and the summary table counts
     # what trains from the first step (the recipe's linear probe: Lite0's head for 3 classes), as the log line does
-    assert not [noise for noise in ("LeafSpec", "💡", "module(s) in eval mode") if noise in result.output]
+    notices = ("LeafSpec", "💡", "module(s) in eval mode", "already configured with model summary", "Loading `train_")
+    assert not [noise for noise in notices if noise in result.output]
     assert "Trainable parameters: 3,843 of" in result.output and "Trainable params: 3.8 K" in result.output
 
 

@@ -41,12 +41,21 @@ warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging cal
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
-def _not_an_advert(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("💡 Tip:")
+# and, on the logger that Lightning's rank_zero_info writes to: its advert for its cloud logger, that the summary
+# table is ours (finetune.callbacks.ModelSummary), and that the per-step schedule counts the training batches
+# (the datamodule logs what an epoch draws).
+_LIGHTNING_NOTICES = (
+    "💡 Tip:",
+    "Trainer already configured with model summary callbacks",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
 
 
-# and Lightning's advert for its cloud logger (on the logger that Lightning's rank_zero_info writes to).
-rank_zero_module.log.addFilter(_not_an_advert)
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_LIGHTNING_NOTICES)
+
+
+rank_zero_module.log.addFilter(_not_a_notice)
 
 
 def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
