@@ -241,6 +241,11 @@ def test_ddp_with_the_defaults_a_user_gets(tmp_path, image_folder):
     ranks = [(tmp_path / f"rank_{rank}.txt").read_text().splitlines() for rank in (0, 1)]
     assert ranks[0] == ranks[1]
     assert "all_reduce () torch.float32" in ranks[0]  # the metrics reduced with sync_dist
+    # Each rank runs the whole script: the console says each line once, with none of Lightning's advice to sync
+    # what is already whole nor torch's deprecation inside Lightning's all_gather
+    once = ("Seed set to", "Images per class (train", "Test accuracy")
+    assert [result.output.count(line) for line in once] == [1] * len(once)
+    assert "sync_dist=True" not in result.output and "all_gather is deprecated" not in result.output
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.rank_zero import rank_zero_module
+from lightning.pytorch.utilities.rank_zero import rank_zero_module, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.checkpoint import RUN_SETTINGS, RunSettings
@@ -39,6 +39,8 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback with a model that overrides")
 # Lightning's own use of torch's pytree (lightning/pytorch/utilities/_pytree.py), which recent torch deprecates;
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# and of torch.distributed.nn's all_gather (lightning/fabric/utilities/distributed.py, under DDP's all_gather);
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 # and, on the logger that Lightning's rank_zero_info writes to: its advert for its cloud logger, that the summary
@@ -56,6 +58,11 @@ def _not_a_notice(record: logging.LogRecord) -> bool:
 
 
 rank_zero_module.log.addFilter(_not_a_notice)
+
+# Under DDP every rank runs the whole script (Lightning starts the others as new processes): rank 0 alone says what
+# the run does; the others print only their errors, so 8 GPUs do not print each line 8 times.
+if rank_zero_only.rank > 0:
+    logging.getLogger("finetune").setLevel(logging.ERROR)
 
 
 def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:

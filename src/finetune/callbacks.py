@@ -236,7 +236,10 @@ class ErrorAnalysis(SplitOutputs):
                     "%s: the run completed, but its model is no classifier (lower optimizer.lr?)", self.collapse
                 )
             scalars = report.scalars | {"collapsed": float(self.collapse is not None)}
-        pl_module.log_dict({f"test/{name}": value for name, value in scalars.items()}, rank_zero_only=True)
+        # of every rank's logits, on rank 0: nothing to reduce (with rank_zero_only, sync_dist runs no collective;
+        # it tells Lightning the values are whole, which it otherwise asks for under DDP)
+        scalars = {f"test/{name}": value for name, value in scalars.items()}
+        pl_module.log_dict(scalars, rank_zero_only=True, sync_dist=True)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 report.add_figures(logger.experiment, "test", trainer.global_step)

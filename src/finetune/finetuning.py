@@ -90,7 +90,8 @@ class StageUnfreezing(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply(pl_module, self.trainable_at(trainer.current_epoch, pl_module.backbone.num_stages))
-        pl_module.log("trainable_stages", float(self.trainable_stages), on_step=False, on_epoch=True)
+        # the same on every rank: sync_dist averages equal numbers (Lightning asks for it under DDP)
+        pl_module.log("trainable_stages", float(self.trainable_stages), on_step=False, on_epoch=True, sync_dist=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"trainable_stages": self.trainable_stages}

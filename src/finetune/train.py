@@ -76,7 +76,7 @@ def train(cfg: DictConfig, status: dict[str, object] | None = None) -> dict[str,
     """`status`: the run's status.json record, which gets `collapsed` when the test predictions collapsed."""
     validate(cfg)  # before anything is downloaded or built
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=rank_zero_only.rank == 0)
     datamodule, model = build(cfg)
     trainer = build_fit_trainer(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir, Path(cfg.paths.log_dir) / cfg.task_name)
