@@ -11,7 +11,9 @@
 #               normalisation on the GPU); a profile if ResNet-18 is slow
 #   headline    EfficientNet-Lite0, MobileNetV2 recipe, all of CIFAR-10, 224 px, 5 epochs, bf16-mixed (blog: 94.31 %)
 #   fp16, bf16  short train.py runs (Lite0, 40 steps) with trainer.precision=16-mixed / bf16-mixed
-#   nchw        ResNet-18's ceiling and store fit with model.channels_last=false
+#   cudnn       ResNet-18's ceiling and store fit with trainer.benchmark=true (cuDNN times each convolution's
+#               algorithms: timm's train.py always does; Lightning's default leaves it off)
+#   nchw        the same with model.channels_last=false
 #   ddp, syncbn DDP across the unfreeze and SyncBatchNorm, on all GPUs (skipped with 1 GPU)
 #
 #   benchmarks/gpu_check.sh --bundle .whl            # on the GPU machine (carry .whl there)
@@ -110,6 +112,7 @@ if ((tiny)); then
     bench=(--models tiny --variants ceiling plain fit store --profile-below 1e9 --profile-steps 1 --rounds 1
         "${speed[@]}" data.store=false)
     nchw=(--models tiny --variants ceiling store --rounds 1 "${speed[@]}" model.channels_last=false)
+    cudnn=(--models tiny --variants ceiling store --rounds 1 "${speed[@]}" ++trainer.benchmark=true)
     headline=(data.image_size=32 data.batch_size=4 data.num_workers=0 data.store=true trainer.max_epochs=2
         "strategy.unfreeze_at=[1]" trainer=cpu)
     fp16_skip="16-mixed needs a GPU" syncbn_skip="PyTorch's SyncBatchNorm has no CPU kernel" ddp_skip=""
@@ -127,6 +130,7 @@ else
     bench=(--models resnet18 efficientnet_lite0 --variants ceiling plain fit store --profile-models resnet18
         --profile-below 10000 --rounds 1 "${speed[@]}" data.store=false)
     nchw=(--models resnet18 --variants ceiling store --rounds 1 "${speed[@]}" model.channels_last=false)
+    cudnn=(--models resnet18 --variants ceiling store --rounds 1 "${speed[@]}" ++trainer.benchmark=true)
     headline=(data.store=true "data.num_workers=$workers" trainer=gpu trainer.precision=bf16-mixed)
     fp16_skip="" syncbn_skip="" ddp_skip=""
     ((gpus > 1 || dry)) || ddp_skip="1 GPU"
@@ -165,7 +169,7 @@ print(f"{len(os.sched_getaffinity(0))} CPU cores, torch {torch.__version__}, CUD
         echo "| step | result | wall s |"
         echo "|---|---|---|"
         printf '%s\n' "${rows[@]}"
-        for name in throughput nchw; do
+        for name in throughput cudnn nchw; do
             [[ -f $work/steps/$name.log ]] || continue
             echo
             echo "Images/s ($name.log; data: $train_photos JPEGs of ${photo_width}x$photo_height px, quality 90," \
@@ -307,6 +311,9 @@ step fp16 "trainer.precision=16-mixed" "$fp16_skip" 35 \
     "$py" train.py "${short[@]}" "${quiet[@]}" "${one[@]}" strategy=finetune trainer.precision=16-mixed
 step bf16 "trainer.precision=bf16-mixed" "" 30 \
     "$py" train.py "${short[@]}" "${quiet[@]}" "${one[@]}" strategy=finetune trainer.precision=bf16-mixed
+# cuDNN's autotuner before the NCHW check: it may change a default (channels-last is one already)
+step cudnn "images/s: trainer.benchmark=true (ResNet-18)" "" 40 \
+    "$py" -m benchmarks.throughput "${cudnn[@]}"
 step nchw "images/s: model.channels_last=false (ResNet-18)" "" 40 \
     "$py" -m benchmarks.throughput "${nchw[@]}"
 # with the progress bar, as users run it: it draws on rank 0 alone (DDP once crashed on it at the first epoch's end)

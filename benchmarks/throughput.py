@@ -119,6 +119,8 @@ def plain_loop(cfg: DictConfig, steps: int, warmup: int, resident: int = 0) -> S
     datamodule, module = build(cfg)
     datamodule.setup("fit")
     device = torch.device("cuda" if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    # as the fit's Trainer sets it (for the whole process: the sides alternate in this one)
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.get("benchmark"))
     net = plain_model(cfg, module).to(device)
     head = net.get_classifier() if hasattr(net, "get_classifier") else net.fc
     head_ids = {id(p) for p in head.parameters()}

@@ -90,6 +90,11 @@ def test_the_dry_run_prints_every_gpu_command_and_composes_each(dry_run):
         [
             "python -m benchmarks.throughput --models resnet18 --variants ceiling store ",
             speed,
+            "++trainer.benchmark=true",
+        ],
+        [
+            "python -m benchmarks.throughput --models resnet18 --variants ceiling store ",
+            speed,
             "model.channels_last=false",
         ],
         [
@@ -231,6 +236,7 @@ def test_the_tiny_run_takes_every_step_on_the_cpu_and_says_so(tmp_path):
         "headline: EfficientNet-Lite0, CIFAR-10, MobileNetV2 recipe (blog: 94.31 %)",
         "trainer.precision=16-mixed",
         "trainer.precision=bf16-mixed",
+        "images/s: trainer.benchmark=true (ResNet-18)",
         "images/s: model.channels_last=false (ResNet-18)",
         "DDP across the unfreeze (trainer=ddp_cpu)",
         "model.sync_batchnorm=true (trainer=ddp_cpu)",
@@ -241,10 +247,11 @@ def test_the_tiny_run_takes_every_step_on_the_cpu_and_says_so(tmp_path):
     assert rows["trainer.precision=16-mixed"] == "skipped: 16-mixed needs a GPU"
     assert rows["trainer.precision=bf16-mixed"].startswith("ok, test acc ")
     assert rows["images/s: model.channels_last=false (ResNet-18)"] == "ok"
+    assert rows["images/s: trainer.benchmark=true (ResNet-18)"] == "ok"
     assert rows["DDP across the unfreeze (trainer=ddp_cpu)"].startswith("ok, test acc ")
     assert rows["DDP across the unfreeze (trainer=ddp_cpu)"].endswith(", trainable stages 0 -> 5")
     assert rows["model.sync_batchnorm=true (trainer=ddp_cpu)"] == "skipped: PyTorch's SyncBatchNorm has no CPU kernel"
-    assert section.count("\n| tiny | 32 | ") == 2  # the throughput table of each
+    assert section.count("\n| tiny | 32 | ") == 3  # the throughput table of each
     assert "| model | size | ceiling | plain | fit | store | fit/plain | store/ceiling |" in section
     assert "Top ops of 1 steps by self_cpu_time_total" in (tmp_path / "steps" / "throughput.log").read_text()
     assert BENCHMARKS_MD.read_bytes() == benchmarks_md
