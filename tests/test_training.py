@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from omegaconf import open_dict
 
 from finetune.builders import build
+from finetune.callbacks import ModelSummary
 from finetune.finetuning import StageUnfreezing
 from finetune.train import train
 from tests.helpers import SMALL_MODEL, TINY, compose_train
@@ -200,3 +202,17 @@ def test_csv_logger_records_the_final_metrics(tmp_path, image_folder):
     assert {"test/acc", "val/acc", "train/loss_epoch", "lr-SGD/head"} <= set(header)
     assert "optimizer" in (tmp_path / "run" / "csv" / "hparams.yaml").read_text()
     assert metrics["test/acc"] >= 0.0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_summary_counts_the_flops_of_one_image_unless_the_stages_are_compiled(tmp_path, compiled):
+    """Lightning counts FLOPs in a forward pass of the model's `example_input_array`, set for the summary alone;
+    compiled stages would compile again for that one image in eval mode (47 s more for Lite0 on this CPU)."""
+    _, model = build(compose_train(tmp_path, [*TINY, *SMALL_MODEL, f"model.compile={compiled}"]))
+    shapes = []
+    model.forward = lambda images: (
+        shapes.append(tuple(images.shape)) or model.head(torch.zeros(1, model.head.in_features))
+    )
+    ModelSummary().on_fit_start(SimpleNamespace(strategy=None, is_global_zero=False), model)
+    size = model.input_config.image_size
+    assert shapes == ([] if compiled else [(1, 3, size, size)]) and model.example_input_array is None

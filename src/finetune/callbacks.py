@@ -121,15 +121,17 @@ class ModelSummary(RichModelSummary):
     """Lightning's summary table, whose "Trainable params" are those that train from the first step: the frozen
     backbone stages keep `requires_grad` (they run under no_grad, `finetune.models.backbones.Backbone`), which
     Lightning alone would count as trainable (`strategy=freeze`: every parameter). Its FLOPs are those of one image
-    at the model's input size (Lightning counts them in a forward pass of an `example_input_array`, in eval mode)."""
+    at the model's input size (Lightning counts them in a forward pass of an `example_input_array`, in eval mode),
+    but for `model.compile=true`."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         backbone = pl_module.backbone  # its frozen stages are set: the strategy's callback comes first
         frozen = [p for p in backbone.stages[: backbone.frozen_stages].parameters() if p.requires_grad]
         for parameter in frozen:
             parameter.requires_grad_(False)
-        size = pl_module.input_config.image_size  # images: a feature cache attaches after this callback
-        pl_module.example_input_array = torch.zeros(1, 3, size, size)
+        if not pl_module.options.compile:  # compiled stages would compile again for it (47 s more for Lite0 on a CPU)
+            size = pl_module.input_config.image_size  # images: a feature cache attaches after this callback
+            pl_module.example_input_array = torch.zeros(1, 3, size, size)
         try:
             super().on_fit_start(trainer, pl_module)
         finally:
