@@ -98,28 +98,46 @@ def run_cli(args: list[str], root: Path, timeout: int = 300, fresh: bool = False
     command starts; tests/test_imports.py imports every module in a new interpreter), or, `fresh`, a new
     interpreter: for what a library reads from the environment when it is imported (the Hugging Face hub's
     folders and offline mode)."""
+    if not fresh:
+        return start_cli(args, root).wait(timeout)
     env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, *args]
-    if fresh:
-        result = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    else:
-        result = _forked(command, env, timeout)
+    result = subprocess.run(
+        [sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     result.output = result.stdout + result.stderr
     return result
 
 
-def _forked(command: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """`command` (python and its arguments) run by `_run_command` in a process forked from the server."""
-    with tempfile.TemporaryDirectory() as folder:
-        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        process = _FORKS.Process(target=_run_command, args=(command[1:], env, str(out), str(err)))
-        process.start()
-        process.join(timeout)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            raise subprocess.TimeoutExpired(command, timeout)
-        return subprocess.CompletedProcess(command, process.exitcode, out.read_text(), err.read_text())
+class Started:
+    """A command that `start_cli` started and nobody has waited for yet."""
+
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.command = command
+        self._folder = tempfile.TemporaryDirectory()
+        self._out, self._err = Path(self._folder.name) / "stdout", Path(self._folder.name) / "stderr"
+        self._process = _FORKS.Process(target=_run_command, args=(command[1:], env, str(self._out), str(self._err)))
+        self._process.start()
+
+    def wait(self, timeout: int = 300) -> subprocess.CompletedProcess:
+        """Its result, as `run_cli`'s (`output`: stdout then stderr); killed after `timeout` seconds."""
+        with self._folder:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+                raise subprocess.TimeoutExpired(self.command, timeout)
+            result = subprocess.CompletedProcess(
+                self.command, self._process.exitcode, self._out.read_text(), self._err.read_text()
+            )
+        result.output = result.stdout + result.stderr
+        return result
+
+
+def start_cli(args: list[str], root: Path, **env: str) -> Started:
+    """`run_cli`'s command started in a process forked from its server (with `env` added to the environment), not
+    waited for: for commands that must run at the same time (parallel jobs, races)."""
+    env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1", **env}
+    return Started([sys.executable, *args], env)
 
 
 def _run_command(args: list[str], env: dict[str, str], out: str, err: str) -> None:

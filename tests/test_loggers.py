@@ -27,7 +27,7 @@ from finetune.builders import instantiate_loggers
 from finetune.errors import MissingPackageError
 from finetune.loggers import MLFlowLogger, hparams
 from finetune.train import finalized, train
-from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, doc_commands, run_cli, start_cli
 
 # Keys that tell no runs apart: they must not reach HPARAMS or the trackers' params
 LEFT_OUT = {"_target_", "_partial_", "num_workers", "pin_memory", "persistent_workers", "root", "paths", "ckpt_path"}
@@ -277,23 +277,14 @@ def test_runs_started_together_into_one_new_store_all_log(tmp_path, logger):
     SQLite store ran in each at once (all exited 1, `duplicate column name: step`, the store left unreadable);
     W&B's offline runs share its config and cache folders (about 10 s of CPU per job)."""
     jobs = 2  # the race needs two
-    paths = [str(Path(__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]  # tests.parallel_logger
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": os.pathsep.join(paths)}
+    env = {"WANDB_MODE": "offline"}
     env |= {
         variable: str(tmp_path / "wandb-home") for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")
     }
-    started = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.parallel_logger", str(tmp_path), logger, str(job), str(jobs)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for job in range(jobs)
-    ]
-    outputs = [process.communicate(timeout=240)[0] for process in started]
-    assert [process.returncode for process in started] == [0] * jobs, "\n".join(o[-2000:] for o in outputs)
+    args = ["-m", "tests.parallel_logger", str(tmp_path), logger]
+    started = [start_cli([*args, str(job), str(jobs)], tmp_path, **env) for job in range(jobs)]
+    results = [run.wait(240) for run in started]
+    assert [result.returncode for result in results] == [0] * jobs, "\n".join(r.output[-2000:] for r in results)
     if logger == "mlflow":
         from mlflow.tracking import MlflowClient
 

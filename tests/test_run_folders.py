@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 from datetime import datetime, timedelta
 
@@ -13,9 +10,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.checkpoint import resolve_ckpt_path
-from finetune.config import PROJECT_ROOT
 from finetune.run_dirs import unique_dir
-from tests.helpers import SMALL_MODEL, TINY, event_dir, run_cli
+from tests.helpers import SMALL_MODEL, TINY, event_dir, run_cli, start_cli
 
 # A machine busy with other work: TensorBoard's writer thread lags behind, so whatever a process leaves to that
 # thread when it exits (it is a daemon) is lost unless the writer is closed first.
@@ -65,19 +61,9 @@ def test_runs_started_together_get_their_own_folders_and_resume_their_own(tmp_pa
         (runs / f"{now + timedelta(seconds=second):%Y-%m-%d_%H-%M-%S}").mkdir(parents=True)
     taken = set(runs.iterdir())
     args = ["data=imagefolder", f"data.root={image_folder}", *SMALL_MODEL, *TINY]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "train.py", *args, f"seed={seed}"],
-            cwd=PROJECT_ROOT,
-            env={**os.environ, "FINETUNE_ROOT": str(tmp_path)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for seed in (1, 2)
-    ]
-    outputs = [process.communicate(timeout=300)[0] for process in processes]
-    assert all(process.returncode == 0 for process in processes), outputs
+    started = [start_cli(["train.py", *args, f"seed={seed}"], tmp_path) for seed in (1, 2)]
+    results = [run.wait() for run in started]
+    assert all(result.returncode == 0 for result in results), [result.output for result in results]
     new = sorted(set(runs.iterdir()) - taken)
     assert len(new) == 2 and all("_" in run.name.rsplit("-", 1)[1] for run in new)  # a suffix each
     overrides = [yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text()) for run in new]
