@@ -4,7 +4,7 @@
 install:  ## the project and its dev tools, editable
 	python -m pip install -e ".[dev]"
 
-test:  ## the default suite (offline, about 6 minutes on 2 CPU cores, one process per core)
+test:  ## the default suite (offline, 4-5 minutes on 2 CPU cores, one process per core)
 	python -m pytest
 
 test-slow:  ## the longer end-to-end tests
