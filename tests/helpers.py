@@ -100,9 +100,8 @@ def run_cli(args: list[str], root: Path, timeout: int = 300, fresh: bool = False
     folders and offline mode)."""
     if not fresh:
         return start_cli(args, root).wait(timeout)
-    env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *args], cwd=PROJECT_ROOT, env=_cli_env(root), capture_output=True, text=True, timeout=timeout
     )
     result.output = result.stdout + result.stderr
     return result
@@ -136,8 +135,12 @@ class Started:
 def start_cli(args: list[str], root: Path, **env: str) -> Started:
     """`run_cli`'s command started in a process forked from its server (with `env` added to the environment), not
     waited for: for commands that must run at the same time (parallel jobs, races)."""
-    env = {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1", **env}
-    return Started([sys.executable, *args], env)
+    return Started([sys.executable, *args], _cli_env(root, **env))
+
+
+def _cli_env(root: Path, **env: str) -> dict[str, str]:
+    """A command's environment: this one's, with its logs and data under `root` and its output unbuffered."""
+    return {**os.environ, "FINETUNE_ROOT": str(root), "PYTHONUNBUFFERED": "1", **env}
 
 
 def _run_command(args: list[str], env: dict[str, str], out: str, err: str) -> None:

@@ -204,15 +204,19 @@ def test_csv_logger_records_the_final_metrics(tmp_path, image_folder):
     assert metrics["test/acc"] >= 0.0
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_the_summary_counts_the_flops_of_one_image_unless_the_stages_are_compiled(tmp_path, compiled):
-    """Lightning counts FLOPs in a forward pass of the model's `example_input_array`, set for the summary alone;
-    compiled stages would compile again for that one image in eval mode (47 s more for Lite0 on this CPU)."""
+@pytest.mark.parametrize(
+    ("compiled", "rank_zero", "counted"), [(False, True, True), (True, True, False), (False, False, False)]
+)
+def test_the_summary_counts_the_flops_of_one_image_on_rank_zero_unless_the_stages_are_compiled(
+    tmp_path, compiled, rank_zero, counted
+):
+    """Lightning counts FLOPs in a forward pass of the model's `example_input_array`, set for the summary alone, on
+    the rank that prints it; compiled stages would compile again for that one image (47 s more for Lite0 on a CPU)."""
     _, model = build(compose_train(tmp_path, [*TINY, *SMALL_MODEL, f"model.compile={compiled}"]))
     shapes = []
     model.forward = lambda images: (
         shapes.append(tuple(images.shape)) or model.head(torch.zeros(1, model.head.in_features))
     )
-    ModelSummary().on_fit_start(SimpleNamespace(strategy=None, is_global_zero=False), model)
+    ModelSummary().on_fit_start(SimpleNamespace(strategy=None, is_global_zero=rank_zero), model)
     size = model.input_config.image_size
-    assert shapes == ([] if compiled else [(1, 3, size, size)]) and model.example_input_array is None
+    assert shapes == ([(1, 3, size, size)] if counted else []) and model.example_input_array is None

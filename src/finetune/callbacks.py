@@ -122,14 +122,16 @@ class ModelSummary(RichModelSummary):
     backbone stages keep `requires_grad` (they run under no_grad, `finetune.models.backbones.Backbone`), which
     Lightning alone would count as trainable (`strategy=freeze`: every parameter). Its FLOPs are those of one image
     at the model's input size (Lightning counts them in a forward pass of an `example_input_array`, in eval mode),
-    but for `model.compile=true`."""
+    on rank 0 and without `model.compile=true`."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         backbone = pl_module.backbone  # its frozen stages are set: the strategy's callback comes first
         frozen = [p for p in backbone.stages[: backbone.frozen_stages].parameters() if p.requires_grad]
         for parameter in frozen:
             parameter.requires_grad_(False)
-        if not pl_module.options.compile:  # compiled stages would compile again for it (47 s more for Lite0 on a CPU)
+        # the FLOPs on the rank that prints the table; not with compiled stages, which would compile again for the
+        # one image (47 s more for Lite0 on a CPU)
+        if trainer.is_global_zero and not pl_module.options.compile:
             size = pl_module.input_config.image_size  # images: a feature cache attaches after this callback
             pl_module.example_input_array = torch.zeros(1, 3, size, size)
         try:
