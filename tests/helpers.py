@@ -117,12 +117,22 @@ class Started:
         self._process = _FORKS.Process(target=_run_command, args=(command[1:], env, str(self._out), str(self._err)))
         self._process.start()
 
+    @property
+    def running(self) -> bool:
+        return self._process.is_alive()
+
+    def send_signal(self, number: int) -> None:
+        """To every process of the command (its session), as a terminal's Ctrl-C or a scheduler's SIGTERM reaches
+        the processes it started too (DataLoader workers, DDP's other ranks); no error once they have ended."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._process.pid, number)
+
     def wait(self, timeout: int = 300) -> subprocess.CompletedProcess:
         """Its result, as `run_cli`'s (`output`: stdout then stderr); killed after `timeout` seconds."""
         with self._folder:
             self._process.join(timeout)
             if self._process.is_alive():
-                self._process.kill()
+                self.send_signal(signal.SIGKILL)
                 self._process.join()
                 raise subprocess.TimeoutExpired(self.command, timeout)
             result = subprocess.CompletedProcess(
@@ -147,6 +157,7 @@ def _run_command(args: list[str], env: dict[str, str], out: str, err: str) -> No
     """What `python *args` does, in a process forked from run_cli's server: the environment, the working directory,
     `sys.path` and `sys.argv` as a new interpreter would set them, stdout and stderr into files, the exit code as
     the command's (an uncaught exception: its traceback and 1), threads joined and exit handlers run at the end."""
+    os.setsid()  # a session of its own, as in a terminal of its own: `Started.send_signal` reaches all it starts
     os.environ.clear()
     os.environ.update(env)
     os.chdir(PROJECT_ROOT)

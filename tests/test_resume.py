@@ -3,11 +3,9 @@ command that resumes the run."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,14 +15,13 @@ import torch
 from omegaconf import open_dict
 
 from finetune.checkpoint import resolve_ckpt_path
-from finetune.config import PROJECT_ROOT
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
 from finetune.run_status import read_status
 from finetune.train import train
-from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli
+from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli, start_cli
 
 STEPS_PER_EPOCH = 6  # 2 classes x 24 images, batch 8
 RUN = [
@@ -77,36 +74,21 @@ def kill_mid_epoch(root: Path, run: list[str], steps_per_epoch: int = STEPS_PER_
     (root / "throttle.py").write_text(THROTTLE)
     args = [*run, "+callbacks.throttle._target_=throttle.Throttle"]
     # the threads of this process, which resumes the run: the same float summation order
-    env = {
-        **os.environ,
-        "FINETUNE_ROOT": str(root),
-        "PYTHONPATH": str(root),
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *args],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its group: DDP's other ranks are killed with it
-    )
+    started = start_cli(["train.py", *args], root, PYTHONPATH=str(root), OMP_NUM_THREADS=str(torch.get_num_threads()))
     last_epoch, seen = 2 * steps_per_epoch, None
     try:
         deadline = time.monotonic() + 240
-        while process.poll() is None and time.monotonic() < deadline:
+        while started.running and time.monotonic() < deadline:
             found = list((root / "logs").glob("train/runs/*/checkpoints/last.ckpt"))
             if found and found[0].stat().st_mtime_ns != seen:
                 seen = found[0].stat().st_mtime_ns
                 if 0 < load(found[0])["global_step"] - last_epoch < steps_per_epoch:
-                    os.killpg(process.pid, signal.SIGKILL)
                     break
             time.sleep(0.05)
-        process.wait(timeout=60)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # what is left of its group, if anything
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-3000:]
+        started.send_signal(signal.SIGKILL)  # DDP's other ranks with it
+    result = started.wait(timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     return load(found[0])
 
 
@@ -151,8 +133,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
 
 @pytest.mark.slow  # 3 DDP runs; what each rank's sampler skips is tested fast below
 def test_a_ddp_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, images, monkeypatch):
-    """2 gloo ranks of batch 4 (6 steps an epoch, as batch 8 on one process), killed together mid-epoch; every run
-    in new interpreters with the killed run's threads (its sums in the same order)."""
+    """2 gloo ranks of batch 4 (6 steps an epoch, as batch 8 on one process), killed together mid-epoch (their
+    session); the resumed and the uninterrupted run in new interpreters with the killed run's threads (its sums in
+    the same order)."""
     run = [*RUN, f"data.root={images}", "data.num_workers=0", "trainer=ddp_cpu", "data.batch_size=4"]
     killed = kill_mid_epoch(tmp_path, run)
     assert killed["epoch"] == 2 and killed["global_step"] % STEPS_PER_EPOCH
@@ -285,17 +268,16 @@ class CtrlC:
 CTRL_C = {"status": "interrupted", "error": "KeyboardInterrupt (Ctrl-C)"}
 
 
-def with_test_modules(root: Path, monkeypatch) -> dict[str, str]:
-    """Commands run now can import the callbacks written into `root` (as +callbacks.<name>); their environment."""
+def with_test_modules(root: Path, monkeypatch) -> None:
+    """Commands run now can import the callbacks written into `root` (as +callbacks.<name>)."""
     (root / "throttle.py").write_text(THROTTLE)
     (root / "ctrl_c.py").write_text(CTRL_C_AT_START)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), *sys.path]))
-    return {**os.environ, "FINETUNE_ROOT": str(root)}
 
 
-def interrupt(tmp_path: Path, image_folder: Path, monkeypatch, signal_number: int) -> tuple[Path, str, str]:
-    """`python train.py` on a tiny run, sent `signal_number` once its first last.ckpt exists: the run folder, the
-    command that resumes it and what the process printed (its exit status must be 1)."""
+def interrupt(tmp_path: Path, image_folder: Path, monkeypatch, signal_number: int) -> tuple[Path, str]:
+    """`python train.py` on a tiny run, sent `signal_number` once its first last.ckpt exists: the run folder and the
+    command that resumes it (its exit status must be 1)."""
     args = [
         "data=imagefolder",
         f"data.root={image_folder}",
@@ -304,27 +286,22 @@ def interrupt(tmp_path: Path, image_folder: Path, monkeypatch, signal_number: in
         "trainer.max_epochs=2",
         "+callbacks.throttle._target_=throttle.Throttle",  # 1 s per step in the last epoch
     ]
-    env = with_test_modules(tmp_path, monkeypatch)
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *args], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        process.send_signal(signal_number)
-        output = process.communicate(timeout=120)[0].decode()
-    finally:
-        process.kill()
+    with_test_modules(tmp_path, monkeypatch)
+    started = start_cli(["train.py", *args], tmp_path)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("logs/train/runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started.send_signal(signal_number)
+    result = started.wait(timeout=120)
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
-    assert process.returncode == 1, output
+    assert result.returncode == 1, result.output
     command = f"python train.py {shlex.join(args)} ckpt_path={run}"
-    assert output.endswith(f"Interrupted: resume the run with\n  {command}\n"), output[-2000:]
-    return run, command, output
+    assert result.stderr.endswith(f"Interrupted: resume the run with\n  {command}\n"), result.output[-2000:]
+    return run, command
 
 
 def test_ctrl_c_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
-    run, command, _ = interrupt(tmp_path, image_folder, monkeypatch, signal.SIGINT)  # Ctrl-C
+    run, command = interrupt(tmp_path, image_folder, monkeypatch, signal.SIGINT)  # Ctrl-C
     assert {k: v for k, v in read_status(run).items() if k != "wall_time_s"} == CTRL_C
 
     resumed = run_cli(shlex.split(command)[1:], tmp_path)
@@ -350,7 +327,7 @@ def test_ctrl_c_before_the_first_checkpoint_prints_the_command_to_start_again(tm
 
 def test_sigterm_records_interrupted_and_prints_the_command_that_resumes_the_run(tmp_path, image_folder, monkeypatch):
     """SIGTERM (a SLURM preemption or time limit, `timeout`): as Ctrl-C, a status, last.ckpt and the command."""
-    run, _, _ = interrupt(tmp_path, image_folder, monkeypatch, signal.SIGTERM)
+    run, _ = interrupt(tmp_path, image_folder, monkeypatch, signal.SIGTERM)
     status = {k: v for k, v in read_status(run).items() if k != "wall_time_s"}
     assert status == {"status": "interrupted", "error": "SIGTERM (a preemption, a time limit or kill)"}
 
