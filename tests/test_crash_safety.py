@@ -8,8 +8,6 @@ import io
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +17,9 @@ from lightning.pytorch.callbacks import Callback
 
 import finetune.checkpoint
 from finetune.checkpoint import AtomicCheckpointIO
-from finetune.config import PROJECT_ROOT
 from finetune.errors import DiskFullError, UserError
 from finetune.train import train
-from tests.helpers import SMALL_MODEL, TINY, compose_train
+from tests.helpers import SMALL_MODEL, TINY, compose_train, run_cli
 
 # Saves a checkpoint, then dies by SIGKILL half-way through writing the next one to the same path.
 KILLED_MID_SAVE = """
@@ -46,10 +43,8 @@ AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(256, 256)}, pa
 
 def test_a_kill_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     path = tmp_path / "checkpoints" / "last.ckpt"
-    result = subprocess.run(
-        [sys.executable, "-c", KILLED_MID_SAVE, str(path)], cwd=PROJECT_ROOT, capture_output=True, text=True
-    )
-    assert result.returncode == -9, result.stderr
+    result = run_cli(["-c", KILLED_MID_SAVE, str(path)], tmp_path)
+    assert result.returncode == -9, result.output
     partial = path.with_name(".last.ckpt.partial")
     assert 0 < partial.stat().st_size < path.stat().st_size  # the kill really came mid-write
     checkpoint = torch.load(path, weights_only=True)
