@@ -8,13 +8,16 @@ import shlex
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import open_dict
 
-from finetune.checkpoint import resolve_ckpt_path
+from finetune.checkpoint import LAST, PROBE, CarryRanking, resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.errors import MissingFileError
@@ -129,6 +132,19 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
     assert a["callbacks"]["StageUnfreezing"] == b["callbacks"]["StageUnfreezing"] == {"trainable_stages": 5}
     for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
         assert resumed[key] == uninterrupted[key], key
+    # the resumed run's folder ends as the uninterrupted run's: the best epoch ranked across the resume
+    # (finetune.checkpoint.CarryRanking) and the probe saved before it, the same files with the same weights
+    folders = [root / "checkpoints" for root in (tmp_path / "run", tmp_path / "uninterrupted")]
+    assert [sorted(p.name for p in folder.iterdir()) for folder in folders] == [["epoch_000.ckpt", LAST, PROBE]] * 2
+    for name in ("epoch_000.ckpt", PROBE):
+        torch.testing.assert_close(*(load(folder / name)["state_dict"] for folder in folders), rtol=0, atol=0)
+    (ranking,) = (key for key in a["callbacks"] if key.startswith("ModelCheckpoint{'monitor': 'val/acc'"))
+    assert [a["callbacks"][ranking]["best_model_score"], Path(a["callbacks"][ranking]["best_model_path"])] == [
+        b["callbacks"][ranking]["best_model_score"],
+        folders[0] / "epoch_000.ckpt",
+    ]
+    (killed_folder,) = tmp_path.glob("logs/train/runs/*/checkpoints")
+    assert sorted(p.name for p in killed_folder.iterdir()) == ["epoch_000.ckpt", LAST, PROBE]  # left as it was
 
 
 @pytest.mark.slow  # 3 DDP runs; what each rank's sampler skips is tested fast below
@@ -143,10 +159,12 @@ def test_a_ddp_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_o
     for root, resume in ((tmp_path, ["ckpt_path=last"]), (tmp_path / "uninterrupted", [])):
         result = run_cli(["train.py", *run, *resume], root, fresh=True)
         assert result.returncode == 0, result.output[-3000:]
-    a, b = (
-        load(sorted((root / "logs" / "train" / "runs").iterdir())[-1] / "checkpoints" / "last.ckpt")
+    folders = [
+        sorted((root / "logs" / "train" / "runs").iterdir())[-1] / "checkpoints"
         for root in (tmp_path, tmp_path / "uninterrupted")
-    )
+    ]
+    a, b = (load(folder / LAST) for folder in folders)
+    assert [sorted(p.name for p in folder.iterdir()) for folder in folders] == [["epoch_000.ckpt", LAST, PROBE]] * 2
     assert a["global_step"] == b["global_step"] == 3 * STEPS_PER_EPOCH
     torch.testing.assert_close(a["state_dict"], b["state_dict"], rtol=0, atol=0)
     (optimizer_a,), (optimizer_b,) = a["optimizer_states"], b["optimizer_states"]
@@ -252,6 +270,36 @@ def test_ckpt_path_last_auto_and_run_folders(tmp_path):
         resolve_ckpt_path("last", tmp_path / "new_run", tmp_path / "logs" / "other")
     with pytest.raises(MissingFileError, match="run folder has no checkpoints/last.ckpt"):
         resolve_ckpt_path(str(tmp_path), current, task)
+
+
+def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_files(tmp_path, caplog):
+    """Every DDP rank loads the same ranking (they must agree on what to save), rank 0 alone links the files; a
+    ranked file that is gone is said, and the ranking still carried; Lightning's warning does not come."""
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    old.mkdir(parents=True)
+    (old / "epoch_001.ckpt").write_bytes(b"best")
+    saved = ModelCheckpoint(dirpath=old, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
+    saved.best_k_models = {
+        str(old / "epoch_001.ckpt"): torch.tensor(0.9),
+        str(old / "epoch_004.ckpt"): torch.tensor(0.8),
+    }
+    saved.best_model_path, saved.best_model_score = str(old / "epoch_001.ckpt"), torch.tensor(0.9)
+    saved.kth_best_model_path, saved.kth_value = str(old / "epoch_004.ckpt"), torch.tensor(0.8)
+    for rank in (1, 0):
+        resumed = ModelCheckpoint(dirpath=new, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
+        checkpoint = {"callbacks": {resumed.state_key: saved.state_dict()}}
+        trainer = SimpleNamespace(callbacks=[resumed], is_global_zero=rank == 0)
+        CarryRanking().on_load_checkpoint(trainer, None, checkpoint)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "The dirpath has changed ..."
+            resumed.load_state_dict(checkpoint["callbacks"][resumed.state_key])
+        assert resumed.best_k_models == {str(new / "epoch_001.ckpt"): 0.9, str(new / "epoch_004.ckpt"): 0.8}
+        assert (resumed.best_model_path, resumed.best_model_score) == (str(new / "epoch_001.ckpt"), 0.9)
+        assert (resumed.kth_best_model_path, resumed.kth_value) == (str(new / "epoch_004.ckpt"), 0.8)
+        assert (new / "epoch_001.ckpt").exists() == (rank == 0)
+    assert (new / "epoch_001.ckpt").samefile(old / "epoch_001.ckpt")  # linked: no second copy on the disk
+    assert "epoch_004.ckpt is not carried into the resumed run's folder" in caplog.text
+    assert sorted(p.name for p in old.iterdir()) == ["epoch_001.ckpt"]
 
 
 CTRL_C_AT_START = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -18,6 +19,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from finetune.errors import DataError, DiskFullError, MissingFileError
 from finetune.finetuning import StageUnfreezing
 from finetune.models.backbones import load_checkpoint_file
+
+log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 PROBE = "probe.ckpt"
@@ -58,11 +61,20 @@ class ProbeCheckpoint(Callback):
     the start, or never, writes none (a `strategy=freeze` run's last.ckpt is its probe), nor does a run that ends
     before the unfreeze (fast_dev_run, which writes nothing, included).
 
-    Saved when that epoch ends, so a resume within it still saves the probe, and one after it leaves the saved one.
+    Saved when that epoch ends, so a resume within it still saves the probe, and one after it keeps the saved one:
+    a run resumed into a new folder links the probe beside the checkpoint it resumed from into its own.
     """
 
     def __init__(self, dirpath: str | os.PathLike):
         self.path = Path(dirpath) / PROBE
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resumed = trainer.ckpt_path
+        if not trainer.is_global_zero or not resumed or not _is_local_file_protocol(resumed):
+            return
+        saved = Path(resumed).with_name(PROBE)
+        if saved.is_file() and saved.resolve() != self.path.resolve():
+            _link_or_copy(saved, self.path)
 
     @staticmethod
     def ends_head_only_phase(unfreezing: StageUnfreezing, epoch: int, num_stages: int) -> bool:
@@ -101,6 +113,57 @@ class StepCheckpoint(ModelCheckpoint):
         clock_asked = self._train_time_interval is None or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
         if step_ends and clock_asked:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class CarryRanking(Callback):
+    """A resumed run writes a new run folder, and Lightning's ModelCheckpoint then forgets what it ranked (the best
+    epoch, its score, the top k) and warns that its dirpath changed: the resumed run would keep its first epoch as
+    the best whatever the epochs before it scored. This callback rewrites each ModelCheckpoint's saved state into
+    the new folder before it is loaded, and links (`_link_or_copy`) the ranked files there (`epoch_<n>.ckpt`), so
+    the resumed run keeps or replaces the best epoch as the uninterrupted run does, and the interrupted run's
+    folder stays as it was. A run resumed in its own folder (SLURM's requeue) is Lightning's."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        for callback in (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)):
+            state = states.get(callback.state_key)
+            old, new = (state or {}).get("dirpath"), callback.dirpath
+            if old and new and old != new and _is_local_file_protocol(old) and _is_local_file_protocol(new):
+                states[callback.state_key] = _moved(state, Path(callback.dirpath), link=trainer.is_global_zero)
+
+
+def _moved(state: dict[str, Any], folder: Path, link: bool) -> dict[str, Any]:
+    """A ModelCheckpoint's state with its paths in `folder`; `link`: its ranked files linked there (the same on
+    every DDP rank, which must agree on what to save; rank 0 writes)."""
+    old = Path(state["dirpath"])
+
+    def moved(path: str | None) -> str | None:
+        return str(folder / Path(path).name) if path and Path(path).parent == old else path
+
+    ranked = state.get("best_k_models") or {}
+    if link:
+        for path in ranked:
+            if Path(path).parent == old:
+                _link_or_copy(Path(path), folder / Path(path).name)
+    paths = {
+        key: moved(state[key]) for key in ("best_model_path", "kth_best_model_path", "last_model_path") if key in state
+    }
+    return {**state, **paths, "dirpath": str(folder), "best_k_models": {moved(p): score for p, score in ranked.items()}}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`source` also as `target`: a hard link (no space; a later save replaces the link, `AtomicCheckpointIO`, and
+    leaves `source` as it is), a copy across file systems, nothing if `target` exists."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass
+    except OSError:  # another file system, or one without hard links (the source missing: said below)
+        try:
+            shutil.copy2(source, target)
+        except OSError as err:
+            log.warning("The checkpoint %s is not carried into the resumed run's folder (%s)", source, err)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
