@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.errors import DamagedFileError, DataError
+import finetune.demo
+from finetune.demo import serve
+from finetune.errors import DamagedFileError, DataError, MissingFileError
 from finetune.eval import evaluate
+from finetune.export import export_checkpoint
 from finetune.predict import predict_files
 from finetune.train import train
+from finetune.wise_ft import wise_ft
 from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,6 +43,36 @@ def test_resuming_on_data_with_other_classes_names_both_before_any_work(tmp_path
     with pytest.raises(DataError, match=rf"classes \['blue', 'red'\], but the data \(data.root\) has .*\[{listed}\]"):
         train(cfg)
     assert not (tmp_path / "run").exists()  # nothing logged, validated or saved
+
+
+def test_the_commands_after_training_take_the_run_folder_that_train_py_prints(
+    tmp_path, trained, image_folder, monkeypatch
+):
+    """`ckpt_path=<run folder>` means its checkpoints/last.ckpt, as for train.py's resume; a path that is neither
+    says so, as does a folder without it, before any work."""
+    by_file, by_folder = (
+        evaluate(compose_train(tmp_path / name, [f"ckpt_path={path}"], "eval"))
+        for name, path in (("file", trained / "checkpoints" / "last.ckpt"), ("folder", trained))
+    )
+    assert by_folder == by_file
+    commands = {
+        "eval": evaluate,
+        "predict": predict_files,
+        "export": export_checkpoint,
+        "wise_ft": wise_ft,
+        "demo": serve,
+    }
+    monkeypatch.setattr(finetune.demo, "import_gradio", lambda: None)  # the checkpoint is read before the page
+    for path, error in (
+        (tmp_path / "nowhere", "no such file or run folder: "),
+        (image_folder, "the run folder has no "),
+    ):
+        for name, command in commands.items():
+            cfg = compose_train(
+                tmp_path, [f"ckpt_path={path}", *([f"input={image_folder}"] * (name == "predict"))], name
+            )
+            with pytest.raises(MissingFileError, match=error):
+                command(cfg)
 
 
 def damaged_copy(trained: Path, folder: Path) -> Path:

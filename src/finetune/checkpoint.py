@@ -274,9 +274,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, task
         if newest is None:
             raise MissingFileError(f"ckpt_path=last: no checkpoints/{LAST} under {task_dir} to resume from")
         return str(newest)
-    run = Path(ckpt_path).expanduser()
-    if not run.is_dir():
-        return ckpt_path
-    if not (run / "checkpoints" / LAST).is_file():
-        raise MissingFileError(f"ckpt_path={ckpt_path}: the run folder has no checkpoints/{LAST}")
-    return str(run / "checkpoints" / LAST)
+    return str(checkpoint_file(ckpt_path)) if Path(ckpt_path).expanduser().is_dir() else ckpt_path
+
+
+def checkpoint_file(ckpt_path: str | os.PathLike) -> Path:
+    """The checkpoint file `ckpt_path` names: a file, or a run folder (the one train.py prints at its end), whose
+    checkpoints/last.ckpt it means."""
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        if not (path / "checkpoints" / LAST).is_file():
+            raise MissingFileError(f"ckpt_path={ckpt_path}: the run folder has no checkpoints/{LAST}")
+        return path / "checkpoints" / LAST
+    if not path.is_file():
+        raise MissingFileError(f"ckpt_path: no such file or run folder: {path}")
+    return path

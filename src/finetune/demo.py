@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from finetune.analysis import softmax_probs
+from finetune.checkpoint import checkpoint_file
 from finetune.config import CONFIG_DIR
 from finetune.data.transforms import decode_side, eval_transform
 from finetune.errors import ConfigError, MissingPackageError, exit_on_user_error
@@ -117,7 +117,7 @@ def serve(cfg: DictConfig) -> None:
     validate(cfg, demo_problems)
     options = cfg.demo
     import_gradio()  # a missing package says so before the model is read
-    model = FineTuneModule.from_checkpoint(Path(cfg.ckpt_path).expanduser())
+    model = FineTuneModule.from_checkpoint(checkpoint_file(cfg.ckpt_path))
     page = build_page(model, options.top_k, options.device or default_device())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of Gradio's start-up checks
     try:

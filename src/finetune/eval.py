@@ -23,10 +23,10 @@ from finetune.analysis import (
     write_report,
 )
 from finetune.builders import rebuild
-from finetune.checkpoint import AtomicCheckpointIO
+from finetune.checkpoint import AtomicCheckpointIO, checkpoint_file
 from finetune.config import CONFIG_DIR
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.errors import ConfigError, MissingFileError, exit_on_user_error
+from finetune.errors import ConfigError, exit_on_user_error
 from finetune.models.backbones import load_checkpoint_file
 from finetune.models.module import FineTuneModule
 from finetune.predict import default_device
@@ -66,9 +66,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     validate(cfg, missing_values)
     options = cfg.eval
     tta = check_tta(options.tta, "eval.tta")
-    ckpt_path = Path(cfg.ckpt_path).expanduser()
-    if not ckpt_path.is_file():
-        raise MissingFileError(f"ckpt_path: no such file: {ckpt_path}")
+    ckpt_path = checkpoint_file(cfg.ckpt_path)
     batch_size = [f"data.batch_size={options.batch_size}"] if options.batch_size else []
     datamodule, model = rebuild(ckpt_path, [*cfg.overrides, *batch_size])
     datamodule.prepare_data()

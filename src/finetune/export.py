@@ -49,6 +49,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from finetune.builders import rebuild
+from finetune.checkpoint import checkpoint_file
 from finetune.config import CONFIG_DIR
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.transforms import eval_transform
@@ -202,7 +203,7 @@ def export_checkpoint(cfg: DictConfig) -> tuple[Path, Parity]:
     suffix, exporter = FORMATS[cfg.format]
     for name in ("onnx_ir", "onnxscript"):  # a line per optimisation pass otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
-    datamodule, model = rebuild(Path(cfg.ckpt_path).expanduser(), [])
+    datamodule, model = rebuild(checkpoint_file(cfg.ckpt_path), [])
     path = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

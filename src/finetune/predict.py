@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from finetune.analysis import check_tta, tta_logits
 from finetune.builders import rebuild
+from finetune.checkpoint import checkpoint_file
 from finetune.config import CONFIG_DIR
 from finetune.data.images import ImageReadError, image_files, is_image_file, read_rgb
 from finetune.data.transforms import decode_side, eval_transform
@@ -208,7 +209,7 @@ def predict_files(cfg: DictConfig) -> PredictionSummary:
     options = cfg.predict
     tta = check_tta(options.tta, "predict.tta")
     paths = ImagePaths(cfg.input)
-    _, model = rebuild(Path(cfg.ckpt_path).expanduser(), [])
+    _, model = rebuild(checkpoint_file(cfg.ckpt_path), [])
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     summary = predict(

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from finetune.builders import rebuild
-from finetune.checkpoint import PROBE
+from finetune.checkpoint import PROBE, checkpoint_file
 from finetune.config import CONFIG_DIR
 from finetune.errors import ConfigError, MissingFileError, exit_on_user_error
 from finetune.models.backbones import load_checkpoint_file
@@ -92,9 +92,7 @@ def wise_ft(cfg: DictConfig) -> WiseFT:
     validate(cfg, missing_values)
     options = cfg.wise_ft
     alphas = alpha_grid(plain(options.alphas))
-    end_path = Path(cfg.ckpt_path).expanduser()
-    if not end_path.is_file():
-        raise MissingFileError(f"ckpt_path: no such file: {end_path}")
+    end_path = checkpoint_file(cfg.ckpt_path)
     start_path = find_start(end_path, options.start)
     if start_path.resolve() == end_path.resolve():
         raise ConfigError(f"wise_ft.start and ckpt_path are the same file ({end_path}): WiSE-FT needs two checkpoints")
