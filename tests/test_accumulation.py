@@ -4,6 +4,7 @@ batches of a step. Its exact resume: tests/test_resume.py."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
 from typing import Any
@@ -29,7 +30,7 @@ class Batches(Callback):
         self.per_epoch[-1] += 1
 
 
-def test_accumulation_as_the_docs_type_it_counts_optimizer_steps(tmp_path, image_folder, one_thread):
+def test_accumulation_as_the_docs_type_it_counts_optimizer_steps(tmp_path, image_folder, one_thread, caplog):
     """The documented command with the default recipe (warmup + cosine per step), 2 epochs, a budget of 3 steps an
     epoch: 22 training images in batches of 8 are passed over again until each epoch has 3 steps of 4 batches, and
     the schedule's cosine ends exactly at the last of the 6 steps."""
@@ -43,8 +44,10 @@ def test_accumulation_as_the_docs_type_it_counts_optimizer_steps(tmp_path, image
     datamodule, model = build(cfg)
     batches = Batches()
     trainer = build_fit_trainer(cfg, batches)
-    trainer.fit(model, datamodule=datamodule)
+    with caplog.at_level(logging.INFO, logger="finetune.data.datamodule"):
+        trainer.fit(model, datamodule=datamodule)
     assert len(datamodule.datasets["train"]) == 22
+    assert "each epoch draws 96 (data.min_steps_per_epoch=3 steps of 4 batches of 8 images)" in caplog.text
     assert batches.per_epoch == [12, 12] and trainer.global_step == 6
     (scheduler,) = trainer.lr_scheduler_configs
     assert scheduler.scheduler.lr_lambdas[0].keywords["total_steps"] == 6

@@ -245,6 +245,9 @@ def test_ddp_with_the_defaults_a_user_gets(tmp_path, image_folder):
     # what is already whole nor torch's deprecation inside Lightning's all_gather
     once = ("Seed set to", "Images per class (train", "Test accuracy")
     assert [result.output.count(line) for line in once] == [1] * len(once)
+    assert (
+        "each epoch draws 1280 (data.min_steps_per_epoch=20 steps of 32 images on each of 2 processes)" in result.output
+    )
     assert "sync_dist=True" not in result.output and "all_gather is deprecated" not in result.output
 
 

@@ -410,10 +410,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             else SeededSampler(dataset, *ranks, seed=self.seed, min_draws=min_draws)
         )
         if min_draws > len(dataset):
+            step = f"{batches_per_step} batches of {self.batch_size}" if batches_per_step > 1 else f"{self.batch_size}"
+            step += f" images on each of {ranks[0]} processes" if ranks[0] > 1 else " images"
             self._tell_once(
                 f"{len(dataset)} training images: each epoch draws {sampler.total_size} "
-                f"(data.min_steps_per_epoch={self.min_steps_per_epoch} steps of {batches_per_step} batches of "
-                f"{self.batch_size})"
+                f"(data.min_steps_per_epoch={self.min_steps_per_epoch} steps of {step})"
             )
         return ResumableLoader(
             dataset,
