@@ -129,7 +129,7 @@ class CarryRanking(Callback):
             state = states.get(callback.state_key)
             old, new = (state or {}).get("dirpath"), callback.dirpath
             if old and new and old != new and _is_local_file_protocol(old) and _is_local_file_protocol(new):
-                states[callback.state_key] = _moved(state, Path(callback.dirpath), link=trainer.is_global_zero)
+                states[callback.state_key] = _moved(state, Path(new), link=trainer.is_global_zero)
 
 
 def _moved(state: dict[str, Any], folder: Path, link: bool) -> dict[str, Any]:
