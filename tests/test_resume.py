@@ -272,23 +272,26 @@ def test_ckpt_path_last_auto_and_run_folders(tmp_path):
         resolve_ckpt_path(str(tmp_path), current, task)
 
 
-def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_files(tmp_path, caplog):
-    """Every DDP rank loads the same ranking (they must agree on what to save), rank 0 alone links the files; a
+@pytest.mark.parametrize("moved", [False, True], ids=["in-place", "folder-moved-since"])
+def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_files(tmp_path, caplog, moved):
+    """Every DDP rank loads the same ranking (they must agree on what to save), rank 0 alone links the files, from
+    beside the checkpoint resumed from (a run folder copied from another machine: its recorded folder is gone); a
     ranked file that is gone is said, and the ranking still carried; Lightning's warning does not come."""
-    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
-    old.mkdir(parents=True)
-    (old / "epoch_001.ckpt").write_bytes(b"best")
-    saved = ModelCheckpoint(dirpath=old, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
+    recorded, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    there = tmp_path / "copied" / "checkpoints" if moved else recorded
+    there.mkdir(parents=True)
+    (there / "epoch_001.ckpt").write_bytes(b"best")
+    saved = ModelCheckpoint(dirpath=recorded, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
     saved.best_k_models = {
-        str(old / "epoch_001.ckpt"): torch.tensor(0.9),
-        str(old / "epoch_004.ckpt"): torch.tensor(0.8),
+        str(recorded / "epoch_001.ckpt"): torch.tensor(0.9),
+        str(recorded / "epoch_004.ckpt"): torch.tensor(0.8),
     }
-    saved.best_model_path, saved.best_model_score = str(old / "epoch_001.ckpt"), torch.tensor(0.9)
-    saved.kth_best_model_path, saved.kth_value = str(old / "epoch_004.ckpt"), torch.tensor(0.8)
+    saved.best_model_path, saved.best_model_score = str(recorded / "epoch_001.ckpt"), torch.tensor(0.9)
+    saved.kth_best_model_path, saved.kth_value = str(recorded / "epoch_004.ckpt"), torch.tensor(0.8)
     for rank in (1, 0):
         resumed = ModelCheckpoint(dirpath=new, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
         checkpoint = {"callbacks": {resumed.state_key: saved.state_dict()}}
-        trainer = SimpleNamespace(callbacks=[resumed], is_global_zero=rank == 0)
+        trainer = SimpleNamespace(callbacks=[resumed], is_global_zero=rank == 0, ckpt_path=str(there / LAST))
         CarryRanking().on_load_checkpoint(trainer, None, checkpoint)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # "The dirpath has changed ..."
@@ -297,9 +300,9 @@ def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_fil
         assert (resumed.best_model_path, resumed.best_model_score) == (str(new / "epoch_001.ckpt"), 0.9)
         assert (resumed.kth_best_model_path, resumed.kth_value) == (str(new / "epoch_004.ckpt"), 0.8)
         assert (new / "epoch_001.ckpt").exists() == (rank == 0)
-    assert (new / "epoch_001.ckpt").samefile(old / "epoch_001.ckpt")  # linked: no second copy on the disk
+    assert (new / "epoch_001.ckpt").samefile(there / "epoch_001.ckpt")  # linked: no second copy on the disk
     assert "epoch_004.ckpt is not carried into the resumed run's folder" in caplog.text
-    assert sorted(p.name for p in old.iterdir()) == ["epoch_001.ckpt"]
+    assert sorted(p.name for p in there.iterdir()) == ["epoch_001.ckpt"]
 
 
 CTRL_C_AT_START = """

@@ -69,11 +69,8 @@ class ProbeCheckpoint(Callback):
         self.path = Path(dirpath) / PROBE
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        resumed = trainer.ckpt_path
-        if not trainer.is_global_zero or not resumed or not _is_local_file_protocol(resumed):
-            return
-        saved = Path(resumed).with_name(PROBE)
-        if saved.is_file() and saved.resolve() != self.path.resolve():
+        saved = _saved(PROBE, trainer.ckpt_path, self.path.parent)
+        if trainer.is_global_zero and saved.is_file() and saved.resolve() != self.path.resolve():
             _link_or_copy(saved, self.path)
 
     @staticmethod
@@ -128,27 +125,34 @@ class CarryRanking(Callback):
         for callback in (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)):
             state = states.get(callback.state_key)
             old, new = (state or {}).get("dirpath"), callback.dirpath
-            if old and new and old != new and _is_local_file_protocol(old) and _is_local_file_protocol(new):
-                states[callback.state_key] = _moved(state, Path(new), link=trainer.is_global_zero)
+            if not (old and new and old != new and _is_local_file_protocol(old) and _is_local_file_protocol(new)):
+                continue
+            # every DDP rank loads the same state (they must agree on what to save); rank 0 writes the files
+            states[callback.state_key] = moved = _moved(state, Path(new))
+            ranked = [Path(path) for path in moved["best_k_models"] if Path(path).parent == Path(new)]
+            for target in ranked if trainer.is_global_zero else []:
+                _link_or_copy(_saved(target.name, trainer.ckpt_path, Path(old)), target)
 
 
-def _moved(state: dict[str, Any], folder: Path, link: bool) -> dict[str, Any]:
-    """A ModelCheckpoint's state with its paths in `folder`; `link`: its ranked files linked there (the same on
-    every DDP rank, which must agree on what to save; rank 0 writes)."""
+def _moved(state: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A ModelCheckpoint's state with the paths of its own folder in `folder`."""
     old = Path(state["dirpath"])
 
     def moved(path: str | None) -> str | None:
         return str(folder / Path(path).name) if path and Path(path).parent == old else path
 
-    ranked = state.get("best_k_models") or {}
-    if link:
-        for path in ranked:
-            if Path(path).parent == old:
-                _link_or_copy(Path(path), folder / Path(path).name)
     paths = {
         key: moved(state[key]) for key in ("best_model_path", "kth_best_model_path", "last_model_path") if key in state
     }
-    return {**state, **paths, "dirpath": str(folder), "best_k_models": {moved(p): score for p, score in ranked.items()}}
+    ranked = {moved(path): score for path, score in (state.get("best_k_models") or {}).items()}
+    return {**state, **paths, "dirpath": str(folder), "best_k_models": ranked}
+
+
+def _saved(name: str, resumed: str | os.PathLike | None, folder: Path) -> Path:
+    """Where a checkpoint file saved into `folder` is now: beside the checkpoint resumed from (a run folder moved or
+    copied since, from another machine too), else in `folder`."""
+    beside = Path(resumed).with_name(name) if resumed and _is_local_file_protocol(resumed) else None
+    return beside if beside is not None and beside.is_file() else folder / name
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
