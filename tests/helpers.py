@@ -124,8 +124,11 @@ class Started:
     def send_signal(self, number: int) -> None:
         """To every process of the command (its session), as a terminal's Ctrl-C or a scheduler's SIGTERM reaches
         the processes it started too (DataLoader workers, DDP's other ranks); no error once they have ended."""
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.killpg(self._process.pid, number)
+        except ProcessLookupError:  # not yet in a session of its own: the process alone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._process.pid, number)
 
     def wait(self, timeout: int = 300) -> subprocess.CompletedProcess:
         """Its result, as `run_cli`'s (`output`: stdout then stderr); killed after `timeout` seconds."""

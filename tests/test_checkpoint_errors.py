@@ -51,7 +51,7 @@ def test_the_commands_after_training_take_the_run_folder_that_train_py_prints(
     """`ckpt_path=<run folder>` means its checkpoints/last.ckpt, as for train.py's resume; a path that is neither
     says so, as does a folder without it, before any work."""
     by_file, by_folder = (
-        evaluate(compose_train(tmp_path / name, [f"ckpt_path={path}"], "eval"))
+        evaluate(compose_train(tmp_path / name, [f"ckpt_path={path}", f"eval.output_dir={tmp_path / name}"], "eval"))
         for name, path in (("file", trained / "checkpoints" / "last.ckpt"), ("folder", trained))
     )
     assert by_folder == by_file

@@ -272,15 +272,17 @@ def test_ckpt_path_last_auto_and_run_folders(tmp_path):
         resolve_ckpt_path(str(tmp_path), current, task)
 
 
-@pytest.mark.parametrize("moved", [False, True], ids=["in-place", "folder-moved-since"])
-def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_files(tmp_path, caplog, moved):
-    """Every DDP rank loads the same ranking (they must agree on what to save), rank 0 alone links the files, from
-    beside the checkpoint resumed from (a run folder copied from another machine: its recorded folder is gone); a
-    ranked file that is gone is said, and the ranking still carried; Lightning's warning does not come."""
+@pytest.mark.parametrize("case", ["in-place", "folder-moved-since", "a-ranked-file-gone"])
+def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_files(tmp_path, caplog, case):
+    """Every DDP rank loads the ranking that rank 0 decided on (they must agree on what to save), rank 0 alone links
+    the files, from beside the checkpoint resumed from (a run folder copied from another machine: its recorded folder
+    is gone); if a ranked file is gone, the ranking is Lightning's as before, and that is said."""
     recorded, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
-    there = tmp_path / "copied" / "checkpoints" if moved else recorded
+    there = tmp_path / "copied" / "checkpoints" if case == "folder-moved-since" else recorded
     there.mkdir(parents=True)
-    (there / "epoch_001.ckpt").write_bytes(b"best")
+    names = ["epoch_001.ckpt"] if case == "a-ranked-file-gone" else ["epoch_001.ckpt", "epoch_004.ckpt"]
+    for name in names:
+        (there / name).write_bytes(name.encode())
     saved = ModelCheckpoint(dirpath=recorded, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
     saved.best_k_models = {
         str(recorded / "epoch_001.ckpt"): torch.tensor(0.9),
@@ -288,21 +290,36 @@ def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_fil
     }
     saved.best_model_path, saved.best_model_score = str(recorded / "epoch_001.ckpt"), torch.tensor(0.9)
     saved.kth_best_model_path, saved.kth_value = str(recorded / "epoch_004.ckpt"), torch.tensor(0.8)
-    for rank in (1, 0):
+    decided: list[bool] = []  # what rank 0 broadcasts: what every rank receives
+
+    def broadcast(obj: bool, src: int) -> bool:
+        decided[:] = decided or [obj]
+        return decided[0]
+
+    for rank in (0, 1):
         resumed = ModelCheckpoint(dirpath=new, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
         checkpoint = {"callbacks": {resumed.state_key: saved.state_dict()}}
-        trainer = SimpleNamespace(callbacks=[resumed], is_global_zero=rank == 0, ckpt_path=str(there / LAST))
+        trainer = SimpleNamespace(
+            callbacks=[resumed],
+            is_global_zero=rank == 0,
+            ckpt_path=str(there / LAST),
+            strategy=SimpleNamespace(broadcast=broadcast),
+        )
         CarryRanking().on_load_checkpoint(trainer, None, checkpoint)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # "The dirpath has changed ..."
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
             resumed.load_state_dict(checkpoint["callbacks"][resumed.state_key])
+        if case == "a-ranked-file-gone":
+            assert "The dirpath has changed" in str(warned[0].message) and not resumed.best_k_models
+            assert not new.exists() and "are gone: the resumed run ranks its epochs anew" in caplog.text
+            continue
+        assert not warned
         assert resumed.best_k_models == {str(new / "epoch_001.ckpt"): 0.9, str(new / "epoch_004.ckpt"): 0.8}
         assert (resumed.best_model_path, resumed.best_model_score) == (str(new / "epoch_001.ckpt"), 0.9)
         assert (resumed.kth_best_model_path, resumed.kth_value) == (str(new / "epoch_004.ckpt"), 0.8)
-        assert (new / "epoch_001.ckpt").exists() == (rank == 0)
-    assert (new / "epoch_001.ckpt").samefile(there / "epoch_001.ckpt")  # linked: no second copy on the disk
-    assert "epoch_004.ckpt is not carried into the resumed run's folder" in caplog.text
-    assert sorted(p.name for p in there.iterdir()) == ["epoch_001.ckpt"]
+        for name in ("epoch_001.ckpt", "epoch_004.ckpt"):
+            assert (new / name).samefile(there / name)  # linked by rank 0: no second copy on the disk
+    assert sorted(p.name for p in there.iterdir()) == names  # the interrupted run's folder as it was
 
 
 CTRL_C_AT_START = """

@@ -66,11 +66,12 @@ class ProbeCheckpoint(Callback):
     """
 
     def __init__(self, dirpath: str | os.PathLike):
+        self.local = _is_local_file_protocol(str(dirpath))
         self.path = Path(dirpath) / PROBE
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = _saved(PROBE, trainer.ckpt_path, self.path.parent)
-        if trainer.is_global_zero and saved.is_file() and saved.resolve() != self.path.resolve():
+        if trainer.is_global_zero and self.local and saved.is_file() and saved.resolve() != self.path.resolve():
             _link_or_copy(saved, self.path)
 
     @staticmethod
@@ -113,12 +114,13 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class CarryRanking(Callback):
-    """A resumed run writes a new run folder, and Lightning's ModelCheckpoint then forgets what it ranked (the best
-    epoch, its score, the top k) and warns that its dirpath changed: the resumed run would keep its first epoch as
-    the best whatever the epochs before it scored. This callback rewrites each ModelCheckpoint's saved state into
-    the new folder before it is loaded, and links (`_link_or_copy`) the ranked files there (`epoch_<n>.ckpt`), so
-    the resumed run keeps or replaces the best epoch as the uninterrupted run does, and the interrupted run's
-    folder stays as it was. A run resumed in its own folder (SLURM's requeue) is Lightning's."""
+    """A resumed run writes a new run folder, and Lightning's ModelCheckpoint then keeps only the path of the best
+    epoch's file, in the old folder, and warns that its dirpath changed: without the scores it saves the first epoch
+    after the resume as the best, whatever the epochs before it scored. This callback rewrites each ModelCheckpoint's
+    saved state into the new folder before it is loaded, and links (`_link_or_copy`) the ranked files there
+    (`epoch_<n>.ckpt`), so the resumed run keeps or replaces the best epoch as the uninterrupted run does, and the
+    interrupted run's folder stays as it was. If a ranked file is gone, that ranking is Lightning's as before (with
+    its warning and a line that names the file). A run resumed in its own folder (SLURM's requeue) is Lightning's."""
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks") or {}
@@ -127,11 +129,17 @@ class CarryRanking(Callback):
             old, new = (state or {}).get("dirpath"), callback.dirpath
             if not (old and new and old != new and _is_local_file_protocol(old) and _is_local_file_protocol(new)):
                 continue
-            # every DDP rank loads the same state (they must agree on what to save); rank 0 writes the files
-            states[callback.state_key] = moved = _moved(state, Path(new))
+            moved = _moved(state, Path(new))
             ranked = [Path(path) for path in moved["best_k_models"] if Path(path).parent == Path(new)]
-            for target in ranked if trainer.is_global_zero else []:
-                _link_or_copy(_saved(target.name, trainer.ckpt_path, Path(old)), target)
+            sources = {target: _saved(target.name, trainer.ckpt_path, Path(old)) for target in ranked}
+            missing = [str(source) for source in sources.values() if not source.is_file()]
+            # rank 0 finds the files and writes; every DDP rank loads what it decided (they must agree on what to save)
+            if trainer.strategy.broadcast(not missing, src=0):
+                states[callback.state_key] = moved
+                for target, source in sources.items() if trainer.is_global_zero else ():
+                    _link_or_copy(source, target)
+            elif trainer.is_global_zero:
+                log.warning("The best checkpoints %s are gone: the resumed run ranks its epochs anew", missing)
 
 
 def _moved(state: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -151,23 +159,29 @@ def _moved(state: dict[str, Any], folder: Path) -> dict[str, Any]:
 def _saved(name: str, resumed: str | os.PathLike | None, folder: Path) -> Path:
     """Where a checkpoint file saved into `folder` is now: beside the checkpoint resumed from (a run folder moved or
     copied since, from another machine too), else in `folder`."""
-    beside = Path(resumed).with_name(name) if resumed and _is_local_file_protocol(resumed) else None
+    local = resumed and _is_local_file_protocol(str(resumed))
+    beside = Path(resumed).expanduser().with_name(name) if local else None
     return beside if beside is not None and beside.is_file() else folder / name
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """`source` also as `target`: a hard link (no space; a later save replaces the link, `AtomicCheckpointIO`, and
-    leaves `source` as it is), a copy across file systems, nothing if `target` exists."""
+    leaves `source` as it is), else (another file system) a copy renamed into place when whole; nothing if `target`
+    exists."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
     except FileExistsError:
         pass
-    except OSError:  # another file system, or one without hard links (the source missing: said below)
+    except OSError:
+        partial = target.with_name(f".{target.name}.partial")
         try:
-            shutil.copy2(source, target)
-        except OSError as err:
+            shutil.copy2(source, partial)
+            os.replace(partial, target)
+        except OSError as err:  # a full disk: the run goes on, ranking what it saves next
             log.warning("The checkpoint %s is not carried into the resumed run's folder (%s)", source, err)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
