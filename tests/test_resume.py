@@ -15,13 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import open_dict
+from torch.utils.tensorboard import SummaryWriter
 
-from finetune.checkpoint import LAST, PROBE, CarryRanking, resolve_ckpt_path
+from finetune.checkpoint import LAST, PROBE, CarryCurves, CarryRanking, resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.errors import MissingFileError
 from finetune.models import InputConfig
+from finetune.report import _event_scalars
 from finetune.run_status import read_status
 from finetune.train import train
 from tests.helpers import SMALL_MODEL, TINY, compose_train, make_image_folder, run_cli, start_cli
@@ -143,6 +146,16 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
         b["callbacks"][ranking]["best_model_score"],
         folders[0] / "epoch_000.ckpt",
     ]
+    # ... and TensorBoard curves (finetune.checkpoint.CarryCurves): the uninterrupted run's, but for the resumed
+    # epoch's train averages (of its batches after the resume, also the HPARAMS tab's hp/train/*) and
+    # trainable_stages (logged when an epoch starts)
+    curves = [_event_scalars(tmp_path / name) for name in ("run", "uninterrupted")]
+    assert curves[0].keys() == curves[1].keys() and len(curves[0]["train/loss_step"]) > 3
+    last = max(curves[1]["train/loss_epoch"])  # the resumed epoch's end
+    for tag in (tag for tag in curves[1] if not tag.startswith("hp/train/")):
+        partial = tag in ("train/loss_epoch", "train/acc_epoch", "trainable_stages")
+        before = [{step: value for step, value in c[tag].items() if not partial or step < last} for c in curves]
+        assert before[0] == before[1], tag
     (killed_folder,) = tmp_path.glob("logs/train/runs/*/checkpoints")
     assert sorted(p.name for p in killed_folder.iterdir()) == ["epoch_000.ckpt", LAST, PROBE]  # left as it was
 
@@ -320,6 +333,26 @@ def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_fil
         for name in ("epoch_001.ckpt", "epoch_004.ckpt"):
             assert (new / name).samefile(there / name)  # linked by rank 0: no second copy on the disk
     assert sorted(p.name for p in there.iterdir()) == names  # the interrupted run's folder as it was
+
+
+def test_the_curves_of_a_resume_into_a_new_folder_go_on_from_its_checkpoint(tmp_path):
+    """What the interrupted run logged after its checkpoint is dropped where the resumed run goes on: the new folder's
+    curve is the old one up to the checkpoint, then the resumed run's (TensorBoard's restart marker); the interrupted
+    run's folder stays as it was. A checkpoint at global step 5 holds 5 optimizer steps, whose metrics Lightning logs
+    at steps 0 to 4; the resumed run logs from step 5 on."""
+    old = tmp_path / "old"
+    writer = SummaryWriter(old / "tensorboard" / "train")
+    for step in range(11):
+        writer.add_scalar("x", step, step)
+    writer.close()
+    logger = TensorBoardLogger(tmp_path / "new", name="tensorboard", version="resumed")
+    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(old / "checkpoints" / LAST), loggers=[logger])
+    CarryCurves().on_load_checkpoint(trainer, None, {"global_step": 5})
+    logger.log_metrics({"x": 105.0}, step=5)
+    logger.log_metrics({"x": 106.0}, step=6)
+    logger.finalize("success")
+    assert _event_scalars(tmp_path / "new")["x"] == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 105, 6: 106}
+    assert _event_scalars(old)["x"] == {step: step for step in range(11)}
 
 
 CTRL_C_AT_START = """

@@ -15,6 +15,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from finetune.errors import DataError, DiskFullError, MissingFileError
 from finetune.finetuning import StageUnfreezing
@@ -140,6 +142,33 @@ class CarryRanking(Callback):
                     _link_or_copy(source, target)
             elif trainer.is_global_zero:
                 log.warning("The best checkpoints %s are gone: the resumed run ranks its epochs anew", missing)
+
+
+class CarryCurves(Callback):
+    """A resumed run writes a new run folder, whose TensorBoard curves would start at the resume. This links the
+    interrupted run's event files into the resumed run's TensorBoard folder and writes TensorBoard's restart marker
+    (a SessionLog START, as SummaryWriter's `purge_step` writes) at the checkpoint's global step, the first step
+    the resumed run logs (Lightning logs optimizer step k's metrics at step k - 1), so that TensorBoard and the sweep
+    report (`finetune.report`) drop what the interrupted run logged after its checkpoint and show the uninterrupted
+    run's curves. Rank 0 writes the events; a run resumed in its own folder (SLURM's requeue) is Lightning's."""
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        resumed = trainer.ckpt_path
+        if not trainer.is_global_zero or not resumed or not _is_local_file_protocol(str(resumed)):
+            return
+        interrupted = Path(resumed).expanduser().resolve().parent.parent  # <run>/checkpoints/<file>.ckpt
+        for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+            folder = Path(logger.log_dir).resolve()
+            if not _is_local_file_protocol(logger.log_dir) or interrupted in folder.parents:
+                continue
+            events = sorted(interrupted.glob(f"{logger.name}/*/events.out.tfevents.*"))
+            for event_file in events:
+                _link_or_copy(event_file, folder / event_file.name)
+            if events:
+                restart = SessionLog(status=SessionLog.START)
+                logger.experiment._get_file_writer().add_event(
+                    Event(step=checkpoint["global_step"], session_log=restart)
+                )
 
 
 def _moved(state: dict[str, Any], folder: Path) -> dict[str, Any]:
