@@ -148,9 +148,9 @@ class CarryCurves(Callback):
     """A resumed run writes a new run folder, whose TensorBoard curves would start at the resume. This links the
     interrupted run's event files into the resumed run's TensorBoard folder and writes TensorBoard's restart marker
     (a SessionLog START, as SummaryWriter's `purge_step` writes) at the checkpoint's global step, the first step
-    the resumed run logs (Lightning logs optimizer step k's metrics at step k - 1), so that TensorBoard and the sweep
-    report (`finetune.report`) drop what the interrupted run logged after its checkpoint and show the uninterrupted
-    run's curves. Rank 0 writes the events; a run resumed in its own folder (SLURM's requeue) is Lightning's."""
+    the resumed run logs (Lightning logs optimizer step k's metrics at step k - 1), so that TensorBoard (its default
+    loader; `--load_fast=false` ignores the marker) and the sweep report (`finetune.report`) drop what the
+    interrupted run logged after its checkpoint and show the uninterrupted run's curves. Rank 0 writes the events; a run resumed in its own folder (SLURM's requeue) is Lightning's."""
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         resumed = trainer.ckpt_path
