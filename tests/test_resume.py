@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import open_dict
 from torch.utils.tensorboard import SummaryWriter
 
-from finetune.checkpoint import LAST, PROBE, CarryCurves, CarryRanking, resolve_ckpt_path
+from finetune.checkpoint import LAST, PROBE, CarryOver, resolve_ckpt_path
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.sampling import SeededSampler
 from finetune.errors import MissingFileError
@@ -136,7 +136,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
     for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
         assert resumed[key] == uninterrupted[key], key
     # the resumed run's folder ends as the uninterrupted run's: the best epoch ranked across the resume
-    # (finetune.checkpoint.CarryRanking) and the probe saved before it, the same files with the same weights
+    # (finetune.checkpoint.CarryOver) and the probe saved before it, the same files with the same weights
     folders = [root / "checkpoints" for root in (tmp_path / "run", tmp_path / "uninterrupted")]
     assert [sorted(p.name for p in folder.iterdir()) for folder in folders] == [["epoch_000.ckpt", LAST, PROBE]] * 2
     for name in ("epoch_000.ckpt", PROBE):
@@ -146,7 +146,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_metrics_and_lrs(tmp_
         b["callbacks"][ranking]["best_model_score"],
         folders[0] / "epoch_000.ckpt",
     ]
-    # ... and TensorBoard curves (finetune.checkpoint.CarryCurves): the uninterrupted run's, but for the resumed
+    # ... and TensorBoard curves (CarryOver): the uninterrupted run's, but for the resumed
     # epoch's train averages (of its batches after the resume, also the HPARAMS tab's hp/train/*)
     curves = [_event_scalars(tmp_path / name) for name in ("run", "uninterrupted")]
     assert curves[0].keys() == curves[1].keys() and len(curves[0]["train/loss_step"]) > 3
@@ -310,14 +310,15 @@ def test_a_resume_into_a_new_folder_carries_the_ranking_and_links_the_ranked_fil
 
     for rank in (0, 1):
         resumed = ModelCheckpoint(dirpath=new, filename="epoch_{epoch:03d}", monitor="val/acc", mode="max")
-        checkpoint = {"callbacks": {resumed.state_key: saved.state_dict()}}
+        checkpoint = {"callbacks": {resumed.state_key: saved.state_dict()}, "global_step": 5}
         trainer = SimpleNamespace(
             callbacks=[resumed],
             is_global_zero=rank == 0,
             ckpt_path=str(there / LAST),
             strategy=SimpleNamespace(broadcast=broadcast),
+            loggers=[],
         )
-        CarryRanking().on_load_checkpoint(trainer, None, checkpoint)
+        CarryOver().on_load_checkpoint(trainer, None, checkpoint)
         with warnings.catch_warnings(record=True) as warned:
             warnings.simplefilter("always")
             resumed.load_state_dict(checkpoint["callbacks"][resumed.state_key])
@@ -345,8 +346,10 @@ def test_the_curves_of_a_resume_into_a_new_folder_go_on_from_its_checkpoint(tmp_
         writer.add_scalar("x", step, step)
     writer.close()
     logger = TensorBoardLogger(tmp_path / "new", name="tensorboard", version="resumed")
-    trainer = SimpleNamespace(is_global_zero=True, ckpt_path=str(old / "checkpoints" / LAST), loggers=[logger])
-    CarryCurves().on_load_checkpoint(trainer, None, {"global_step": 5})
+    trainer = SimpleNamespace(
+        is_global_zero=True, ckpt_path=str(old / "checkpoints" / LAST), loggers=[logger], callbacks=[]
+    )
+    CarryOver().on_load_checkpoint(trainer, None, {"global_step": 5})
     logger.log_metrics({"x": 105.0}, step=5)
     logger.log_metrics({"x": 106.0}, step=6)
     logger.finalize("success")

@@ -72,7 +72,7 @@ class ProbeCheckpoint(Callback):
         self.path = Path(dirpath) / PROBE
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        saved = _saved(PROBE, trainer.ckpt_path, self.path.parent)
+        saved = _saved(PROBE, _resumed_from(trainer), self.path.parent)
         if trainer.is_global_zero and self.local and saved.is_file() and saved.resolve() != self.path.resolve():
             _link_or_copy(saved, self.path)
 
@@ -115,17 +115,33 @@ class StepCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
-class CarryRanking(Callback):
-    """A resumed run writes a new run folder, and Lightning's ModelCheckpoint then keeps only the path of the best
-    epoch's file, in the old folder, and warns that its dirpath changed: without the scores it saves the first epoch
-    after the resume as the best, whatever the epochs before it scored. This callback rewrites each ModelCheckpoint's
-    saved state into the new folder before it is loaded, and links (`_link_or_copy`) the ranked files there
-    (`epoch_<n>.ckpt`), so the resumed run keeps or replaces the best epoch as the uninterrupted run does, and the
-    interrupted run's folder stays as it was. If a ranked file is gone, that ranking is Lightning's as before (with
-    its warning and a line that names the file). A run resumed in its own folder (SLURM's requeue) is Lightning's."""
+class CarryOver(Callback):
+    """A resumed run writes a new run folder; this carries into it what the interrupted run's folder held, so that
+    it ends as the uninterrupted run's would, and leaves the interrupted run's folder as it was. A run resumed in
+    its own folder (SLURM's requeue) and remote folders are Lightning's.
+
+    - The checkpoints' ranking. Lightning's ModelCheckpoint keeps only the path of the best epoch's file, in the old
+      folder, and warns that its dirpath changed: without the scores it saves the first epoch after the resume as
+      the best, whatever the epochs before it scored. Each ModelCheckpoint's saved state is rewritten into the new
+      folder before it is loaded, and the ranked files (`epoch_<n>.ckpt`) are linked there (`_link_or_copy`). If a
+      ranked file is gone, that ranking is Lightning's as before (its warning, and a line that names the file).
+    - The TensorBoard curves. The interrupted run's event files are linked into the new TensorBoard folder, and
+      TensorBoard's restart marker (a SessionLog START, as SummaryWriter's `purge_step` writes) is written at the
+      checkpoint's global step, the first step the resumed run logs (Lightning logs optimizer step k's metrics at
+      step k - 1): TensorBoard (its default loader; `--load_fast=false` ignores the marker) and the sweep report
+      drop what the interrupted run logged after its checkpoint.
+
+    Rank 0 writes; every DDP rank loads the same ranking, the one rank 0 decided on (they must agree on what to save).
+    """
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("callbacks") or {}
+        beside = _resumed_from(trainer)
+        self._carry_ranking(trainer, checkpoint.get("callbacks") or {}, beside)
+        if trainer.is_global_zero and beside is not None:
+            self._carry_curves(trainer, checkpoint["global_step"], beside.parent)
+
+    @staticmethod
+    def _carry_ranking(trainer: L.Trainer, states: dict[str, Any], beside: Path | None) -> None:
         for callback in (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)):
             state = states.get(callback.state_key)
             old, new = (state or {}).get("dirpath"), callback.dirpath
@@ -133,9 +149,8 @@ class CarryRanking(Callback):
                 continue
             moved = _moved(state, Path(new))
             ranked = [Path(path) for path in moved["best_k_models"] if Path(path).parent == Path(new)]
-            sources = {target: _saved(target.name, trainer.ckpt_path, Path(old)) for target in ranked}
+            sources = {target: _saved(target.name, beside, Path(old)) for target in ranked}
             missing = [str(source) for source in sources.values() if not source.is_file()]
-            # rank 0 finds the files and writes; every DDP rank loads what it decided (they must agree on what to save)
             if trainer.strategy.broadcast(not missing, src=0):
                 states[callback.state_key] = moved
                 for target, source in sources.items() if trainer.is_global_zero else ():
@@ -143,20 +158,8 @@ class CarryRanking(Callback):
             elif trainer.is_global_zero:
                 log.warning("The best checkpoints %s are gone: the resumed run ranks its epochs anew", missing)
 
-
-class CarryCurves(Callback):
-    """A resumed run writes a new run folder, whose TensorBoard curves would start at the resume. This links the
-    interrupted run's event files into the resumed run's TensorBoard folder and writes TensorBoard's restart marker
-    (a SessionLog START, as SummaryWriter's `purge_step` writes) at the checkpoint's global step, the first step
-    the resumed run logs (Lightning logs optimizer step k's metrics at step k - 1), so that TensorBoard (its default
-    loader; `--load_fast=false` ignores the marker) and the sweep report (`finetune.report`) drop what the
-    interrupted run logged after its checkpoint and show the uninterrupted run's curves. Rank 0 writes the events; a run resumed in its own folder (SLURM's requeue) is Lightning's."""
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        resumed = trainer.ckpt_path
-        if not trainer.is_global_zero or not resumed or not _is_local_file_protocol(str(resumed)):
-            return
-        interrupted = Path(resumed).expanduser().resolve().parent.parent  # <run>/checkpoints/<file>.ckpt
+    @staticmethod
+    def _carry_curves(trainer: L.Trainer, step: int, interrupted: Path) -> None:
         for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
             folder = Path(logger.log_dir).resolve()
             if not _is_local_file_protocol(logger.log_dir) or interrupted in folder.parents:
@@ -165,10 +168,16 @@ class CarryCurves(Callback):
             for event_file in events:
                 _link_or_copy(event_file, folder / event_file.name)
             if events:
-                restart = SessionLog(status=SessionLog.START)
-                logger.experiment._get_file_writer().add_event(
-                    Event(step=checkpoint["global_step"], session_log=restart)
-                )
+                restart = Event(step=step, session_log=SessionLog(status=SessionLog.START))
+                logger.experiment._get_file_writer().add_event(restart)
+
+
+def _resumed_from(trainer: L.Trainer) -> Path | None:
+    """The folder of the checkpoint the run resumed from (`<run>/checkpoints`), None if it is not a local file."""
+    resumed = trainer.ckpt_path
+    if not resumed or not _is_local_file_protocol(str(resumed)):
+        return None
+    return Path(resumed).expanduser().resolve().parent
 
 
 def _moved(state: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -185,12 +194,10 @@ def _moved(state: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {**state, **paths, "dirpath": str(folder), "best_k_models": ranked}
 
 
-def _saved(name: str, resumed: str | os.PathLike | None, folder: Path) -> Path:
-    """Where a checkpoint file saved into `folder` is now: beside the checkpoint resumed from (a run folder moved or
-    copied since, from another machine too), else in `folder`."""
-    local = resumed and _is_local_file_protocol(str(resumed))
-    beside = Path(resumed).expanduser().with_name(name) if local else None
-    return beside if beside is not None and beside.is_file() else folder / name
+def _saved(name: str, beside: Path | None, folder: Path) -> Path:
+    """Where a checkpoint file saved into `folder` is now: `beside` the checkpoint resumed from (a run folder moved
+    or copied since, from another machine too), else in `folder`."""
+    return beside / name if beside is not None and (beside / name).is_file() else folder / name
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -208,7 +215,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
             shutil.copy2(source, partial)
             os.replace(partial, target)
         except OSError as err:  # a full disk: the run goes on, ranking what it saves next
-            log.warning("The checkpoint %s is not carried into the resumed run's folder (%s)", source, err)
+            log.warning("%s is not carried into the resumed run's folder (%s)", source, err)
         finally:
             partial.unlink(missing_ok=True)
 

@@ -52,7 +52,7 @@ class StageUnfreezing(Callback):
     def __init__(self, trainable: Count = "all", unfreeze_at: Sequence[int] = (), unfreeze_step: Count = "all"):
         self.trainable, self.unfreeze_at, self.unfreeze_step = trainable, sorted(unfreeze_at), unfreeze_step
         self.trainable_stages: int | None = None
-        self._logged_epoch: int | None = None
+        self._log_pending = True  # trainable_stages, at the next training batch
 
     @staticmethod
     def _count(value: Count, num_stages: int) -> int:
@@ -88,16 +88,18 @@ class StageUnfreezing(Callback):
         self._apply(
             pl_module, restored if restored is not None else self.trainable_at(trainer.current_epoch, num_stages)
         )
+        self._log_pending = True  # a run resumed mid-epoch has no epoch start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply(pl_module, self.trainable_at(trainer.current_epoch, pl_module.backbone.num_stages))
+        self._log_pending = True
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         """Logged at an epoch's first batch: a run resumed mid-epoch starts there, without on_train_epoch_start."""
-        if self._logged_epoch != trainer.current_epoch:
-            self._logged_epoch = trainer.current_epoch
+        if self._log_pending:
+            self._log_pending = False
             # the same on every rank: sync_dist averages equal numbers (Lightning asks for it under DDP)
             pl_module.log(
                 "trainable_stages", float(self.trainable_stages), on_step=False, on_epoch=True, sync_dist=True
