@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.builders import build, build_fit_trainer
 from finetune.caching import CachedFeatures
+from finetune.checkpoint import LAST, PROBE
 from finetune.config import CONFIG_DIR
+from finetune.report import _event_scalars
 from finetune.train import train
 from tests.helpers import compose_train
 
@@ -94,3 +96,32 @@ def test_cached_probe_with_the_defaults_trains_the_same_head(tmp_path, image_fol
     assert isinstance(datamodule.datasets["train"], CachedFeatures)
     for name in ("weight", "bias"):
         torch.testing.assert_close(getattr(cached.head, name), getattr(plain.head, name), atol=1e-5, rtol=1e-4)
+
+
+def test_a_resume_with_the_defaults_carries_the_folder_over(tmp_path, image_folder):
+    """The recommended recipe on pretrained Lite0, 2 epochs, resumed into a new folder for a third: the probe and the
+    best epoch's file are the interrupted run's (linked), the ranking goes on from its best score, and the curves
+    from its points (finetune.checkpoint.CarryOver)."""
+    train(defaults_config(tmp_path / "a", image_folder, *PRETRAINED))
+    interrupted = tmp_path / "a" / "run"
+    train(
+        defaults_config(tmp_path / "b", image_folder, *PRETRAINED, "trainer.max_epochs=3", f"ckpt_path={interrupted}")
+    )
+    resumed = tmp_path / "b" / "run"
+    assert (resumed / "checkpoints" / PROBE).samefile(interrupted / "checkpoints" / PROBE)
+    old, new = (_event_scalars(run)["val/acc"] for run in (interrupted, resumed))
+    assert {step: new[step] for step in old} == old and max(new) > max(old)
+    (before, after) = (ranking(run / "checkpoints" / LAST) for run in (interrupted, resumed))
+    third = new[max(new)]  # the resumed epoch's val/acc
+    assert float(after["best_model_score"]) == pytest.approx(max(float(before["best_model_score"]), third))
+    best = Path(after["best_model_path"])
+    assert best.parent == resumed / "checkpoints" and best.is_file()
+    if best.name == Path(before["best_model_path"]).name:  # the third epoch did not beat it
+        assert best.samefile(before["best_model_path"])
+
+
+def ranking(path: Path) -> dict:
+    """The state of the checkpoint's ModelCheckpoint that ranks the epochs by val/acc."""
+    states = torch.load(path, map_location="cpu", weights_only=True)["callbacks"]
+    (key,) = (key for key in states if key.startswith("ModelCheckpoint{'monitor': 'val/acc'"))
+    return states[key]
