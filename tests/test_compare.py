@@ -259,7 +259,7 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     text = write_comparison(tmp_path)
     report = (tmp_path / "compare.md").read_text()
     assert "- a-seed3: unfinished" in report and "- b-seed2: failed: ValueError: boom" in report
-    assert "(1 seeds: [1])" in report  # the statistics use the seeds every setting completed
+    assert "(1 seed: [1])" in report  # the statistics use the seeds every setting completed
     assert "`a` has the highest test accuracy (0.800)" in text
     assert "## shots=2 (3 seeds)" in report and "`a` is best (test accuracy 0.710 ± 0.025 over 3 seeds)" in report
     assert "8 images, 5 epochs, 20 steps" in report and (tmp_path / "learning_curve.png").is_file()
@@ -272,6 +272,18 @@ def test_rerun_plan_and_report_of_fake_runs(tmp_path: Path):
     again = pending(tmp_path, changed)
     assert sorted(job.name for job in again) == ["a-seed3", "b-seed1", "b-seed2"]
     assert not (tmp_path / "jobs" / "a-seed3").exists() and len(list((tmp_path / ".incomplete").iterdir())) == 3
+
+
+def test_the_budget_counts_in_words():
+    """'1 epoch' and '2 steps': the count as it is printed decides the plural."""
+    from finetune.comparison import Result, budget
+
+    def run(images: float, epochs: float, steps: float) -> Result:
+        return Result(Job("j", "a", 1, None, []), "completed", steps=steps, epochs=epochs, train_images=images)
+
+    assert budget([run(32, 1, 1)]) == "32 images, 1 epoch, 1 step"
+    assert budget([run(1, 1, 2), run(1, 2, 2)]) == "1 image, 2 epochs, 2 steps"  # 1.5 epochs prints as 2
+    assert budget([run(8, 1, math.nan)]) == "-"
 
 
 def test_a_setting_wins_over_the_command(tmp_path: Path):

@@ -420,7 +420,13 @@ def budget(done: Sequence[Result]) -> str:
     images, epochs, steps = (_mean([getattr(r, key) for r in done]) for key in ("train_images", "epochs", "steps"))
     if math.isnan(steps):
         return "-"
-    return f"{images:.0f} images, {epochs:.0f} epochs, {steps:.0f} steps"
+    return ", ".join(_count(value, noun) for value, noun in ((images, "image"), (epochs, "epoch"), (steps, "step")))
+
+
+def _count(value: float, noun: str) -> str:
+    """'1 epoch', '5 epochs': the value rounded as it is printed."""
+    shown = f"{value:.0f}"
+    return f"{shown} {noun}" if shown == "1" else f"{shown} {noun}s"
 
 
 def jobs_table(report: Report) -> str:
@@ -460,7 +466,7 @@ def plot_differences(report: Report) -> Figure:
         ax.set_yticks(list(ys), [r.setting for r in rows])
         ax.set(
             xlabel="test accuracy - best's (points)",
-            title=f"shots={shots_label(k)} ({len(comparison.seeds)} paired seeds)",
+            title=f"shots={shots_label(k)} ({_count(len(comparison.seeds), 'paired seed')})",
         )
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("paired difference to the best setting, 95% CI (red: worse after Holm)", fontsize="medium")
@@ -514,7 +520,7 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
     main = report.main_shots
     comparison = report.comparisons[main]
     summary = [
-        f"# Comparison: {len(report.settings)} settings x {len(set(r.job.seed for r in report.results))} seeds"
+        f"# Comparison: {len(report.settings)} settings x {_count(len(set(r.job.seed for r in report.results)), 'seed')}"
         + (f" x {len(report.shots)} shots" if len(report.shots) > 1 else ""),
         "",
     ]
@@ -522,13 +528,17 @@ def write_comparison(folder: str | os.PathLike, command: str | None = None) -> s
         summary += ["```bash", command, "```", ""]
     summary += [recommendation(comparison, report.cost(main)), ""]
     label = "all training images" if main is None else f"{main} training images per class"
-    summary += [f"## Test accuracy, {label} ({len(comparison.seeds)} seeds: {comparison.seeds})", ""]
+    summary += [f"## Test accuracy, {label} ({_count(len(comparison.seeds), 'seed')}: {comparison.seeds})", ""]
     summary += [comparison_table(report, main), ""]
     for k in report.shots:
         if k == main:
             continue
         other = report.comparisons[k]
-        summary += [f"## shots={shots_label(k)} ({len(other.seeds)} seeds)", "", recommendation(other, report.cost(k))]
+        summary += [
+            f"## shots={shots_label(k)} ({_count(len(other.seeds), 'seed')})",
+            "",
+            recommendation(other, report.cost(k)),
+        ]
         summary += ["", comparison_table(report, k), ""]
     failed = [r for r in report.results if not usable(r)]
     if failed:
