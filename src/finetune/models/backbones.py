@@ -181,7 +181,7 @@ def _unknown_name(kind: str, name: str, valid: Sequence[str]) -> ConfigError:
 
 def _reason(err: Exception) -> str:
     """The one line that matters of an error; torch's weights-only refusal is a page that ends in it."""
-    refusal = re.search(r"WeightsUnpickler error: (.*?\.)", str(err))
+    refusal = re.search(r"WeightsUnpickler error: (.*?\.)(?:\s|$)", str(err))  # a sentence's end, not a dotted name's
     return refusal[1] if refusal else f"{type(err).__name__}: {err}"
 
 
