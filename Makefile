@@ -1,11 +1,14 @@
 # Everyday commands (README.md and docs/ have the rest).
-.PHONY: install test test-slow lint format docs bench gpu-bundle
+.PHONY: install test test-lowest test-slow lint format docs bench gpu-bundle
 
 install:  ## the project and its dev tools, editable
 	python -m pip install -e ".[dev]"
 
 test:  ## the default suite (offline, 4-5 minutes on 2 CPU cores, one process per core)
 	python -m pytest
+
+test-lowest:  ## the default suite on the lowest releases pyproject.toml allows (.venv-lowest; about 10 min)
+	bash .ci/lowest
 
 test-slow:  ## the longer end-to-end tests
 	python -m pytest -m slow
