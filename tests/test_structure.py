@@ -3,9 +3,11 @@ and the debug configs run."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,5 +110,9 @@ def test_the_documented_debug_command_runs(tmp_path):
 
 
 def test_make_lint_runs_as_documented():
-    result = subprocess.run(["make", "lint"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    # ruff from the environment running the suite, as in an activated one, also when pytest was started as .venv/bin/python
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    result = subprocess.run(
+        ["make", "lint"], cwd=PROJECT_ROOT, capture_output=True, text=True, env={**os.environ, "PATH": path}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
