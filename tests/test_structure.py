@@ -110,7 +110,7 @@ def test_the_documented_debug_command_runs(tmp_path):
 
 
 def test_make_lint_runs_as_documented():
-    # ruff from the environment running the suite, as in an activated one, also when pytest was started as .venv/bin/python
+    # this environment's ruff, as an activated venv finds it, also when the suite was started as .venv/bin/python
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     result = subprocess.run(
         ["make", "lint"], cwd=PROJECT_ROOT, capture_output=True, text=True, env={**os.environ, "PATH": path}
